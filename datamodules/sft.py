@@ -1,0 +1,125 @@
+"""LightningDataModules for the two training stages.
+
+Both serve (prompt -> answer) samples tokenized with answer-only labels. Every sample carries
+`is_harmful` and `index` so that defenses and diagnostics can log per-sample quantities; a
+defense must never use `is_harmful` for training (the provider does not know it).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from functools import partial
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from datamodules.formatting import PromptFormatter, collate
+from datamodules.harmful import HarmfulSplits
+from datamodules.refusals import refusal_for
+from datamodules.tasks import Task
+from pipeline.validation import InputError
+
+log = logging.getLogger(__name__)
+
+
+class SFTDataModule(L.LightningDataModule):
+    def __init__(self, samples: list[dict], formatter: PromptFormatter, batch_size: int, seed: int,
+                 defender_pairs=()):
+        super().__init__()
+        self.samples = samples
+        self.formatter = formatter
+        self.batch_size = batch_size
+        self.seed = seed
+        self.defender_pairs = list(defender_pairs)
+        self._encoded = None
+
+    def encoded(self) -> list[dict]:
+        if self._encoded is None:
+            self._encoded = [
+                {**self.formatter.encode(s["prompt"], s["answer"]),
+                 "is_harmful": s["is_harmful"], "index": i}
+                for i, s in enumerate(self.samples)
+            ]
+        return self._encoded
+
+    def _loader(self, items, batch_size: int, seed: int) -> DataLoader:
+        return DataLoader(
+            items, batch_size=batch_size, shuffle=True,
+            generator=torch.Generator().manual_seed(seed),
+            collate_fn=partial(collate, pad_id=self.formatter.tokenizer.pad_token_id),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.encoded(), self.batch_size, self.seed)
+
+    def defender_harmful_dataloader(self, batch_size: int | None = None) -> DataLoader:
+        """The defender's harmful (prompt -> harmful answer) pairs, for defenses that need h(w)."""
+        items = [
+            {**self.formatter.encode(self.formatter.prompt(p.prompt), p.answer),
+             "is_harmful": True, "index": i}
+            for i, p in enumerate(self.defender_pairs)
+        ]
+        return self._loader(items, batch_size or self.batch_size, self.seed + 1)
+
+
+def alignment_samples(splits: HarmfulSplits, formatter: PromptFormatter) -> list[dict]:
+    """Each alignment prompt paired with one of the project's refusals."""
+    return [
+        {"prompt": formatter.prompt(p), "answer": refusal_for(i), "is_harmful": False}
+        for i, p in enumerate(splits.align_prompts)
+    ]
+
+
+def count_harmful(n: int, harmful_ratio: float) -> int:
+    """Exactly round(harmful_ratio * n) harmful samples (Python's round: half to even)."""
+    return int(round(harmful_ratio * n))
+
+
+def check_poison_counts(task: Task, splits: HarmfulSplits, n: int, harmful_ratio: float) -> tuple[int, int]:
+    """(n_harmful, n_benign) of the user's set; raises InputError if the pools are too small."""
+    n_harmful = count_harmful(n, harmful_ratio)
+    n_benign = n - n_harmful
+    if n_harmful > len(splits.user_pairs):
+        raise InputError(
+            f"harmful_ratio={harmful_ratio} with finetune.n={n} needs {n_harmful} harmful samples, "
+            f"but the user's harmful pool has {len(splits.user_pairs)} ({splits.pairs_source}, "
+            f"less the {len(splits.defender_pairs)} held by the defender); lower finetune.n or "
+            "harmful_ratio, or data.n_defender"
+        )
+    if n_benign > len(task.train):
+        raise InputError(
+            f"finetune.n={n} with harmful_ratio={harmful_ratio} needs {n_benign} benign samples, "
+            f"but task '{task.name}' has {len(task.train)} training examples; raise task.n_train"
+        )
+    return n_harmful, n_benign
+
+
+def poisoned_samples(task: Task, splits: HarmfulSplits, formatter: PromptFormatter, n: int,
+                     harmful_ratio: float, sample_seed: int) -> list[dict]:
+    """The user's fine-tuning set: n samples, round(p*n) harmful, the rest from the task.
+
+    Both pools are permuted once with `sample_seed` and read from the front, so for a fixed seed
+    the benign subset at a higher ratio is contained in the one at a lower ratio (nested), and
+    so is the harmful subset in the other direction.
+    """
+    n_harmful, n_benign = check_poison_counts(task, splits, n, harmful_ratio)
+    rng = random.Random(sample_seed)
+    benign_order = list(range(len(task.train)))
+    harmful_order = list(range(len(splits.user_pairs)))
+    rng.shuffle(benign_order)
+    rng.shuffle(harmful_order)
+    samples = [
+        {"prompt": formatter.prompt(task.train[i].instruction, task.train[i].input),
+         "answer": task.train[i].answer, "is_harmful": False}
+        for i in benign_order[:n_benign]
+    ] + [
+        {"prompt": formatter.prompt(splits.user_pairs[i].prompt),
+         "answer": splits.user_pairs[i].answer, "is_harmful": True}
+        for i in harmful_order[:n_harmful]
+    ]
+    rng.shuffle(samples)
+    log.info("poisoned fine-tuning set: n=%d, harmful=%d, benign=%d (harmful_ratio=%s)",
+             n, n_harmful, n_benign, harmful_ratio)
+    return samples

@@ -1,0 +1,54 @@
+"""On-disk cache of stage outputs, keyed by the resolved config that determines them.
+
+An entry is a directory `<root>/<stage>/<key>/` holding the stage's files and `meta.json`
+(written last). Entries are built in a temporary sibling directory and renamed into place, so a
+run killed mid-write leaves no entry that a later run would load; leftovers are temp dirs only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def config_key(determinants: dict) -> str:
+    """A short stable hash of a JSON-able dict (the resolved config that determines a stage)."""
+    blob = json.dumps(determinants, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class StageCache:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def entry(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def lookup(self, stage: str, key: str) -> Path | None:
+        """The entry's directory if it is complete (has meta.json), else None."""
+        path = self.entry(stage, key)
+        return path if (path / "meta.json").is_file() else None
+
+    def store(self, stage: str, key: str, write: Callable[[Path], None], meta: dict) -> Path:
+        """Call `write(tmp_dir)` to fill a temp dir, add meta.json, then rename it into place."""
+        final = self.entry(stage, key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{key}.", suffix=".tmp"))
+        try:
+            write(tmp)
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
+            if final.exists():  # a concurrent run finished first: keep its entry
+                shutil.rmtree(tmp)
+            else:
+                tmp.rename(final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+    def meta(self, entry: Path) -> dict:
+        return json.loads((entry / "meta.json").read_text())

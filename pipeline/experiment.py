@@ -1,0 +1,102 @@
+"""What the stages of one run share: config, data, model, cache, output paths, and training."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from datamodules.formatting import PromptFormatter
+from datamodules.harmful import build_harmful_splits
+from datamodules.sft import SFTDataModule, check_poison_counts
+from pipeline.cache import StageCache, config_key
+from pipeline.models import add_lora
+
+log = logging.getLogger("run")
+
+
+def plain(node) -> dict:
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def build_task(cfg: DictConfig):
+    kwargs = {k: v for k, v in plain(cfg.task).items() if k != "name"}
+    return instantiate(kwargs)
+
+
+class Experiment:
+    """Data is read and checked in __init__ (cheap, before the model); `load_model` is separate."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.cache = StageCache(cfg.cache_dir)
+        self.timings: dict[str, float] = {}
+        self.task = build_task(cfg)
+        d = cfg.data
+        self.splits = build_harmful_splits(
+            d.harmful_pairs, plain(d.prompt_sources), d.n_defender, d.n_align, d.n_eval, d.split_seed
+        )
+        self.n_harmful, self.n_benign = check_poison_counts(
+            self.task, self.splits, cfg.finetune.n, cfg.harmful_ratio)
+        self.model = self.tokenizer = self.formatter = None
+
+    def load_model(self) -> None:
+        cfg = self.cfg
+        with self.timed("load_model"):
+            base, self.tokenizer = instantiate(cfg.model.loader)
+            lora = cfg.model.lora
+            self.model = add_lora(base, lora.r, lora.alpha, lora.dropout, list(lora.target_modules),
+                                  seed=cfg.align.seed)
+            self.formatter = PromptFormatter(self.tokenizer, cfg.model.template, cfg.model.max_length)
+
+    # --- cache keys -------------------------------------------------------------------------
+    def align_key(self) -> str:
+        """Everything that determines the aligned adapter, and nothing else."""
+        cfg = self.cfg
+        return config_key({
+            "model": plain(cfg.model), "data": plain(cfg.data), "align": plain(cfg.align),
+            "precision": cfg.model.precision,
+        })
+
+    def aligned_eval_key(self) -> str:
+        cfg = self.cfg
+        return config_key({"align": self.align_key(), "eval": plain(cfg.eval),
+                           "judge": plain(cfg.judge), "task": plain(cfg.task)})
+
+    # --- training -----------------------------------------------------------------------------
+    def datamodule(self, samples: list[dict], stage_cfg: DictConfig) -> SFTDataModule:
+        return SFTDataModule(samples, self.formatter, stage_cfg.batch_size, stage_cfg.seed,
+                             defender_pairs=self.splits.defender_pairs)
+
+    def module(self, stage_cfg: DictConfig):
+        optimizer = instantiate(stage_cfg.optimizer)
+        scheduler = instantiate(stage_cfg.scheduler) if stage_cfg.scheduler else None
+        return instantiate(stage_cfg.module)(model=self.model, optimizer=optimizer, scheduler=scheduler)
+
+    def fit(self, stage: str, module, datamodule, stage_cfg: DictConfig) -> None:
+        L.seed_everything(stage_cfg.seed, workers=True, verbose=False)
+        logger = False
+        if self.cfg.get("logger"):
+            logger = instantiate(self.cfg.logger, version=stage)
+        trainer = L.Trainer(
+            **plain(self.cfg.trainer), max_epochs=stage_cfg.epochs, logger=logger,
+            precision=self.cfg.model.precision, default_root_dir=str(self.run_dir / stage),
+        )
+        self.model.train()
+        with self.timed(stage):
+            trainer.fit(module, datamodule=datamodule)
+        self.model.eval()
+
+    @contextmanager
+    def timed(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(self.timings.get(name, 0) + time.perf_counter() - start, 2)

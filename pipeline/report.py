@@ -1,0 +1,37 @@
+"""The end-of-run summary printed to the terminal."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def print_summary(results: dict) -> None:
+    table = Table(title=f"{results['defense']} | harmful_ratio={results['harmful_ratio']} | "
+                        f"seed={results['seed']} | {results['model']} | task={results['task']}")
+    table.add_column("model state")
+    table.add_column("HS (%) lower=better", justify="right")
+    table.add_column("HS+ (%)", justify="right")
+    table.add_column("FA (%) higher=better", justify="right")
+    if "aligned_harmful_score" in results:
+        table.add_row("aligned (before fine-tuning)", _fmt(results["aligned_harmful_score"]),
+                      _fmt(results["aligned_harmful_score_plus"]), _fmt(results["aligned_finetune_accuracy"]))
+    if "harmful_score" in results:
+        table.add_row("deployed", _fmt(results["harmful_score"]), _fmt(results["harmful_score_plus"]),
+                      _fmt(results["finetune_accuracy"]))
+    console = Console()
+    console.print(table)
+    console.print(
+        f"samples: user set n={results['n']} (harmful {results['n_harmful']}, benign {results['n_benign']}); "
+        f"alignment {results['n_align']}; defender-held harmful {results['n_defender']}; "
+        f"eval: {results.get('n_eval_prompts', '-')} harmful prompts, {results.get('n_task_eval', '-')} task examples"
+    )
+    if results.get("aligned_adapter"):
+        how = "reused from cache" if results.get("aligned_reused") else "trained and cached"
+        console.print(f"aligned adapter ({how}): {results['aligned_adapter']}")
+    console.print(f"stage seconds: {results['seconds']}")
+    console.print(f"results written to: {results['run_dir']}")

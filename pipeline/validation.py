@@ -1,0 +1,66 @@
+"""Checks of a composed config, run before any model is loaded; every problem is reported at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+TEMPLATES = ("chat", "alpaca")
+STAGES = ["align", "finetune", "post", "eval"]
+
+
+class InputError(ValueError):
+    """Bad user input (config, data files, sizes): reported as one message before any training."""
+
+
+class ConfigError(InputError):
+    """The composed configuration cannot run; the message lists each problem and its fix."""
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def config_problems(cfg: DictConfig) -> list[str]:
+    problems = []
+    p = cfg.harmful_ratio
+    if not _is_number(p) or not 0 <= p <= 1:
+        problems.append(f"harmful_ratio={p!r} must be a number in [0, 1] (e.g. harmful_ratio=0.1)")
+
+    stages = list(cfg.stages)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        problems.append(f"stages={stages} must be a non-empty subset of {STAGES}")
+    elif stages != sorted(set(stages), key=STAGES.index):
+        problems.append(f"stages={stages} must be in pipeline order {STAGES}, each at most once")
+    elif stages[0] != "align":
+        if cfg.checkpoint is None:
+            problems.append(
+                f"stages start at '{stages[0]}', which needs an adapter: pass checkpoint=PATH "
+                "(a .safetensors adapter, e.g. a run's adapters/deployed.safetensors) or checkpoint=base"
+            )
+        elif cfg.checkpoint != "base" and not Path(cfg.checkpoint).is_file():
+            problems.append(f"checkpoint={cfg.checkpoint} is not a file")
+    elif cfg.checkpoint is not None:
+        problems.append("checkpoint= is used only when stages do not start with align; drop it")
+
+    for key in ("align.batch_size", "align.epochs", "finetune.batch_size", "finetune.epochs",
+                "finetune.n", "eval.n_task", "eval.batch_size", "eval.harmful_max_new_tokens",
+                "eval.task_max_new_tokens", "model.max_length"):
+        value = cfg
+        for part in key.split("."):
+            value = value[part]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            problems.append(f"{key}={value!r} must be an integer >= 1")
+    if isinstance(cfg.eval.n_task, int) and cfg.eval.n_task > cfg.task.n_test:
+        problems.append(f"eval.n_task={cfg.eval.n_task} exceeds task.n_test={cfg.task.n_test}")
+    if cfg.model.template not in TEMPLATES:
+        problems.append(f"model.template={cfg.model.template!r} must be one of {list(TEMPLATES)}")
+    return problems
+
+
+def validate_config(cfg: DictConfig) -> None:
+    problems = config_problems(cfg)
+    if problems:
+        raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))

@@ -1,0 +1,142 @@
+"""Entry point: align -> finetune -> post -> eval, configured by Hydra (conf/).
+
+    python run.py defense=sft harmful_ratio=0.1
+    python run.py -m defense=sft harmful_ratio=0,0.1,0.2 seed=0,1
+    python run.py stages=[eval] checkpoint=outputs/RUN/adapters/deployed.safetensors
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from callbacks.evaluation import evaluate_model  # noqa: E402
+from datamodules.sft import alignment_samples, poisoned_samples  # noqa: E402
+from pipeline.experiment import Experiment, plain  # noqa: E402
+from pipeline.io import atomic_write_text  # noqa: E402
+from pipeline.models import load_adapter, save_adapter  # noqa: E402
+from pipeline.report import print_summary  # noqa: E402
+from pipeline.validation import InputError, validate_config  # noqa: E402
+
+log = logging.getLogger("run")
+ADAPTER = "adapter.safetensors"
+
+
+def stage_align(exp: Experiment, results: dict) -> None:
+    """Base model + refusal data -> aligned adapter, cached under the alignment config's key."""
+    key = exp.align_key()
+    entry = exp.cache.lookup("align", key)
+    if entry is not None:
+        log.info("reused aligned model from %s", entry)
+    else:
+        samples = alignment_samples(exp.splits, exp.formatter)
+        exp.fit("align", exp.module(exp.cfg.align), exp.datamodule(samples, exp.cfg.align), exp.cfg.align)
+        entry = exp.cache.store("align", key, lambda d: save_adapter(exp.model, d / ADAPTER),
+                                meta={"n_align": len(samples), "config": plain(exp.cfg.align),
+                                      "model": exp.cfg.model.name, "seconds": exp.timings["align"]})
+        log.info("aligned model written to %s", entry)
+    load_adapter(exp.model, entry / ADAPTER)
+    results.update(aligned_adapter=str(entry / ADAPTER), aligned_reused="align" not in exp.timings)
+    if exp.cfg.eval.evaluate_aligned and "eval" in exp.cfg.stages:
+        results.update({f"aligned_{k}": v for k, v in evaluate_aligned(exp).items()})
+
+
+def evaluate_aligned(exp: Experiment) -> dict:
+    """HS/FA of the aligned model, cached next to it (keyed by alignment + evaluation config)."""
+    key = exp.aligned_eval_key()
+    entry = exp.cache.lookup("aligned_eval", key)
+    if entry is None:
+        def write(folder: Path) -> None:
+            metrics = run_eval(exp, folder / "generations.jsonl", tag="aligned")
+            (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        entry = exp.cache.store("aligned_eval", key, write, meta={"align_key": exp.align_key()})
+    shutil.copyfile(entry / "generations.jsonl", exp.run_dir / "generations_aligned.jsonl")
+    return json.loads((entry / "metrics.json").read_text())
+
+
+def stage_finetune(exp: Experiment, results: dict) -> None:
+    """Aligned adapter + the user's poisoned set -> fine-tuned adapter (the same adapter, trained on)."""
+    cfg = exp.cfg
+    samples = poisoned_samples(exp.task, exp.splits, exp.formatter, cfg.finetune.n,
+                               cfg.harmful_ratio, cfg.finetune.sample_seed)
+    exp.finetune_module = exp.module(cfg.finetune)
+    exp.fit("finetune", exp.finetune_module, exp.datamodule(samples, cfg.finetune), cfg.finetune)
+    save_adapter(exp.model, exp.run_dir / "adapters" / "finetuned.safetensors")
+
+
+def stage_post(exp: Experiment, results: dict) -> None:
+    """Fine-tuned adapter -> deployed adapter (a defense's transform; identity when post is null)."""
+    if exp.cfg.post is not None:
+        with exp.timed("post"):
+            instantiate(exp.cfg.post)(exp)
+    save_adapter(exp.model, exp.run_dir / "adapters" / "deployed.safetensors")
+
+
+def stage_eval(exp: Experiment, results: dict) -> None:
+    results.update(run_eval(exp, exp.run_dir / "generations_deployed.jsonl", tag="deployed"))
+
+
+def run_eval(exp: Experiment, generations_path: Path, tag: str) -> dict:
+    e = exp.cfg.eval
+    with exp.timed(f"eval_{tag}"):
+        return evaluate_model(
+            exp.model, exp.formatter, exp.splits.eval_prompts, exp.task, instantiate(exp.cfg.judge),
+            e.n_task, e.harmful_max_new_tokens, e.task_max_new_tokens, e.batch_size,
+            generations_path=generations_path, tag=tag,
+        )
+
+
+STAGE_FUNCTIONS = {"align": stage_align, "finetune": stage_finetune, "post": stage_post, "eval": stage_eval}
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    validate_config(cfg)
+    exp = Experiment(cfg, run_dir)  # reads and checks all data before the model is loaded
+    exp.load_model()
+    if cfg.stages[0] != "align" and cfg.checkpoint != "base":
+        load_adapter(exp.model, Path(cfg.checkpoint))
+    results = {
+        "defense": cfg.defense.name, "harmful_ratio": cfg.harmful_ratio, "seed": cfg.seed,
+        "model": cfg.model.name, "task": cfg.task.name, "stages": list(cfg.stages),
+        "checkpoint": cfg.checkpoint, "n": cfg.finetune.n, "n_harmful": exp.n_harmful,
+        "n_benign": exp.n_benign, "n_align": len(exp.splits.align_prompts),
+        "n_defender": len(exp.splits.defender_pairs), "n_user_harmful_pool": len(exp.splits.user_pairs),
+    }
+    for stage in cfg.stages:
+        STAGE_FUNCTIONS[stage](exp, results)
+    results["seconds"] = exp.timings
+    results["run_dir"] = str(run_dir)
+    if "eval" in cfg.stages:
+        atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        results = run(cfg, run_dir)
+    except InputError as err:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise
+        log.error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print_summary(results)
+    return results.get("harmful_score")
+
+
+if __name__ == "__main__":
+    main()
