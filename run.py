@@ -104,6 +104,7 @@ STAGE_FUNCTIONS = {"align": stage_align, "finetune": stage_finetune, "post": sta
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     validate_config(cfg)
     exp = Experiment(cfg, run_dir)  # reads and checks all data before the model is loaded
+    run_dir.mkdir(parents=True, exist_ok=True)
     exp.load_model()
     if cfg.stages[0] != "align" and cfg.checkpoint != "base":
         load_adapter(exp.model, Path(cfg.checkpoint))

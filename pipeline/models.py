@@ -62,6 +62,9 @@ def load_smollm2(dtype: str = "float32", gguf_file: str = "SmolLM2-135M-Instruct
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model.load_state_dict(loaded.state_dict(), assign=True)
+    for name, buffer in loaded.named_buffers():  # non-persistent buffers (rotary inv_freq)
+        module_name, _, buffer_name = name.rpartition(".")
+        model.get_submodule(module_name).register_buffer(buffer_name, buffer, persistent=False)
     model.tie_weights()
     tokenizer.padding_side = "left"
     return model.eval(), tokenizer

@@ -1,0 +1,51 @@
+"""Shared fixtures: the real config tree composed and shrunk to the tiny model (tests never
+touch the network or the default model)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+
+# The tiny model with small data: every stage in a few seconds.
+TINY = [
+    "model=tiny", "~logger", "data.n_align=16", "data.n_eval=6", "finetune.n=20",
+    "align.epochs=1", "finetune.epochs=1", "eval.n_task=6", "eval.harmful_max_new_tokens=6",
+    "eval.task_max_new_tokens=3", "eval.batch_size=4", "task.n_train=200", "task.n_test=20",
+    "align.optimizer.lr=1e-2", "finetune.optimizer.lr=1e-2",
+]
+
+
+def compose_cfg(tmp_path: Path, *overrides: str):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=[*TINY, f"cache_dir={tmp_path / 'cache'}", *overrides])
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    return lambda *overrides: compose_cfg(tmp_path, *overrides)
+
+
+@pytest.fixture(scope="session")
+def tiny_formatter():
+    from datamodules.formatting import PromptFormatter
+    from pipeline.models import load_tiny_tokenizer
+
+    return PromptFormatter(load_tiny_tokenizer(), "chat", max_length=96)
+
+
+@pytest.fixture(scope="session")
+def offline_splits():
+    from datamodules.harmful import build_harmful_splits
+
+    return build_harmful_splits(
+        "pkg:pyrit/datasets/jailbreak/many_shot_examples.json",
+        [{"path": "pkg:pyrit/datasets/seed_datasets/local/adv_bench.prompt", "format": "seed_yaml"}],
+        n_defender=100, n_align=200, n_eval=40, split_seed=0,
+    )
