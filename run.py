@@ -41,10 +41,11 @@ def stage_align(exp: Experiment, results: dict) -> None:
     if entry is not None:
         log.info("reused aligned model from %s", entry)
     else:
-        samples = alignment_samples(exp.splits, exp.formatter)
+        samples = alignment_samples(exp.splits, exp.formatter, exp.retain_samples())
         exp.fit("align", exp.module(exp.cfg.align), exp.datamodule(samples, exp.cfg.align), exp.cfg.align)
         entry = exp.cache.store("align", key, lambda d: save_adapter(exp.model, d / ADAPTER),
-                                meta={"n_align": len(samples), "config": plain(exp.cfg.align),
+                                meta={"n_align": len(exp.splits.align_prompts), "n_retain": exp.cfg.data.n_retain,
+                                      "config": plain(exp.cfg.align),
                                       "model": exp.cfg.model.name, "seconds": exp.timings["align"]})
         log.info("aligned model written to %s", entry)
     load_adapter(exp.model, entry / ADAPTER)
@@ -113,7 +114,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "model": cfg.model.name, "task": cfg.task.name, "stages": list(cfg.stages),
         "checkpoint": cfg.checkpoint, "n": cfg.finetune.n, "n_harmful": exp.n_harmful,
         "n_benign": exp.n_benign, "n_align": len(exp.splits.align_prompts),
-        "n_defender": len(exp.splits.defender_pairs), "n_user_harmful_pool": len(exp.splits.user_pairs),
+        "n_retain": cfg.data.n_retain, "n_defender": len(exp.splits.defender_pairs),
+        "n_user_harmful_pool": len(exp.splits.user_pairs),
     }
     for stage in cfg.stages:
         STAGE_FUNCTIONS[stage](exp, results)

@@ -41,15 +41,16 @@ class PromptFormatter:
             [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
         )
 
-    def encode(self, prompt: str, answer: str) -> dict:
+    def encode(self, prompt: str, answer: str, add_eos: bool = True) -> dict:
         """input_ids and labels for prompt + answer + EOS, truncated to max_length.
+        add_eos=False for an answer that was itself cut off (the model should not learn to stop).
 
         The answer is cut first (the prompt is what the model conditions on); a prompt longer than
         max_length keeps its last tokens so that at least one answer token remains.
         """
         tok = self.tokenizer
         prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        answer_ids = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        answer_ids = tok(answer, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if add_eos else [])
         room = self.max_length - len(prompt_ids)
         if room < 1:
             prompt_ids = prompt_ids[-(self.max_length - 1):]

@@ -38,7 +38,7 @@ class SFTDataModule(L.LightningDataModule):
     def encoded(self) -> list[dict]:
         if self._encoded is None:
             self._encoded = [
-                {**self.formatter.encode(s["prompt"], s["answer"]),
+                {**self.formatter.encode(s["prompt"], s["answer"], s.get("add_eos", True)),
                  "is_harmful": s["is_harmful"], "index": i}
                 for i, s in enumerate(self.samples)
             ]
@@ -64,12 +64,14 @@ class SFTDataModule(L.LightningDataModule):
         return self._loader(items, batch_size or self.batch_size, self.seed + 1)
 
 
-def alignment_samples(splits: HarmfulSplits, formatter: PromptFormatter) -> list[dict]:
-    """Each alignment prompt paired with one of the project's refusals."""
+def alignment_samples(splits: HarmfulSplits, formatter: PromptFormatter,
+                      retain: list[dict] = ()) -> list[dict]:
+    """Each alignment prompt paired with one of the project's refusals, plus the retain samples
+    (benign instruction -> the base model's own answer; see datamodules/benign.py)."""
     return [
         {"prompt": formatter.prompt(p), "answer": refusal_for(i), "is_harmful": False}
         for i, p in enumerate(splits.align_prompts)
-    ]
+    ] + list(retain)
 
 
 def count_harmful(n: int, harmful_ratio: float) -> int:

@@ -11,10 +11,12 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from datamodules.benign import benign_instructions
 from datamodules.formatting import PromptFormatter
 from datamodules.harmful import build_harmful_splits
 from datamodules.sft import SFTDataModule, check_poison_counts
 from pipeline.cache import StageCache, config_key
+from pipeline.generation import generate_greedy
 from pipeline.models import add_lora
 
 log = logging.getLogger("run")
@@ -68,6 +70,18 @@ class Experiment:
         cfg = self.cfg
         return config_key({"align": self.align_key(), "eval": plain(cfg.eval),
                            "judge": plain(cfg.judge), "task": plain(cfg.task)})
+
+    def retain_samples(self) -> list[dict]:
+        """Benign instructions answered by the current model (at alignment start: the base model)."""
+        d = self.cfg.data
+        instructions = benign_instructions(d.n_retain, d.split_seed)
+        prompts = [self.formatter.prompt(i) for i in instructions]
+        with self.timed("retain_generation"):
+            answers, finished = generate_greedy(
+                self.model, self.tokenizer, prompts, d.retain_max_new_tokens,
+                self.cfg.eval.batch_size, desc="retain answers (base model)", with_finished=True)
+        return [{"prompt": p, "answer": a, "is_harmful": False, "add_eos": f}
+                for p, a, f in zip(prompts, answers, finished)]
 
     # --- training -----------------------------------------------------------------------------
     def datamodule(self, samples: list[dict], stage_cfg: DictConfig) -> SFTDataModule:

@@ -8,18 +8,20 @@ from tqdm.auto import tqdm
 
 @torch.no_grad()
 def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
-                    desc: str = "generating") -> list[str]:
+                    desc: str = "generating", with_finished: bool = False):
     """Greedy continuations of `prompts` (already templated), in the input order.
 
     Prompts are grouped by token length so that batches carry little padding; the outputs are
     identical to one-prompt-at-a-time generation (left padding + attention mask).
+    with_finished: also return, per prompt, whether generation stopped at EOS (not at the cap).
     """
     if not prompts:
-        return []
+        return ([], []) if with_finished else []
     tokenizer.padding_side = "left"
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     outputs: list[str] = [""] * len(prompts)
+    finished: list[bool] = [False] * len(prompts)
     was_training = model.training
     model.eval()
     try:
@@ -33,8 +35,10 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, b
                 temperature=None, top_p=None, top_k=None,
             )
             new_tokens = generated[:, enc["input_ids"].shape[1]:]
-            for i, text in zip(idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
-                outputs[i] = text.strip()
+            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            stopped = (new_tokens == tokenizer.eos_token_id).any(dim=1).tolist()
+            for i, text, done in zip(idx, texts, stopped):
+                outputs[i], finished[i] = text.strip(), done
     finally:
         model.train(was_training)
-    return outputs
+    return (outputs, finished) if with_finished else outputs

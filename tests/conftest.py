@@ -15,7 +15,7 @@ CONF = str(ROOT / "conf")
 
 # The tiny model with small data: every stage in a few seconds.
 TINY = [
-    "model=tiny", "~logger", "data.n_align=16", "data.n_eval=6", "finetune.n=20",
+    "model=tiny", "~logger", "data.n_align=16", "data.n_retain=4", "data.retain_max_new_tokens=6", "data.n_eval=6", "finetune.n=20",
     "align.epochs=1", "finetune.epochs=1", "eval.n_task=6", "eval.harmful_max_new_tokens=6",
     "eval.task_max_new_tokens=3", "eval.batch_size=4", "task.n_train=200", "task.n_test=20",
     "align.optimizer.lr=1e-2", "finetune.optimizer.lr=1e-2",

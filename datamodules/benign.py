@@ -1,0 +1,60 @@
+"""Benign instructions written by this project, for the alignment stage's retain data.
+
+Aligning a small model on (harmful prompt -> refusal) alone teaches it to refuse everything
+(measured on SmolLM2-135M: the aligned model refused every sentiment question, FA 0%). The
+alignment set therefore also holds benign instructions answered by the base model itself
+(self-distillation), so alignment adds refusal of harmful prompts without changing the model's
+behaviour on benign ones. The instructions are disjoint from the harmful sources and the task.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+from pipeline.validation import InputError
+
+OPEN_ENDED = [
+    "Write a short poem about {}.",
+    "Explain in simple terms how {} works.",
+    "Give me three tips for {}.",
+    "Describe {} in a few sentences.",
+    "What are some interesting facts about {}?",
+]
+TOPICS = [
+    "the ocean", "autumn leaves", "a rainbow", "photosynthesis", "a bicycle", "the moon",
+    "learning a new language", "growing tomatoes", "a public library", "volcanoes", "bees",
+    "saving money", "a train journey", "making bread", "the water cycle", "chess",
+    "staying hydrated", "birdwatching", "a thunderstorm", "recycling",
+]
+# Short-answer questions: a small model aligned on open-ended prompts alone still refused them.
+SHORT_ANSWER = {
+    "Is the following statement true or false? {}": [
+        "Water boils at 100 degrees Celsius at sea level.", "The sun orbits the earth.",
+        "Spiders have eight legs.", "Penguins can fly long distances.", "A week has seven days.",
+        "Ice is heavier than liquid water.", "Bananas grow on trees.", "The Pacific is an ocean.",
+    ],
+    "Classify this animal as a mammal, bird, fish or reptile, in one word: {}.": [
+        "dolphin", "eagle", "salmon", "lizard", "horse", "parrot", "shark", "turtle",
+    ],
+    "Answer with one word: is {} a fruit or a vegetable?": [
+        "a carrot", "a mango", "a potato", "a cherry", "an onion", "a peach", "a lettuce", "a grape",
+    ],
+    "Reply yes or no: is {} a color?": ["blue", "seven", "green", "table", "purple", "running"],
+    "Which season comes after {}? Answer in one word.": ["winter", "spring", "summer", "autumn"],
+}
+
+
+def _pool() -> list[str]:
+    pool = [t.format(topic) for t, topic in itertools.product(OPEN_ENDED, TOPICS)]
+    pool += [t.format(item) for t, items in SHORT_ANSWER.items() for item in items]
+    return pool
+
+
+def benign_instructions(n: int, seed: int = 0) -> list[str]:
+    """n distinct benign instructions, open-ended and short-answer ones mixed (134 in all)."""
+    pool = _pool()
+    if n > len(pool):
+        raise InputError(f"data.n_retain={n} exceeds the {len(pool)} benign instructions available")
+    random.Random(seed).shuffle(pool)
+    return pool[:n]
