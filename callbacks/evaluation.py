@@ -31,11 +31,14 @@ def evaluate_model(model, formatter: PromptFormatter, harmful_prompts: list[str]
         task_max_new_tokens, batch_size, desc=f"{tag} task".strip(),
     )
     correct = [task.is_correct(a, e) for a, e in zip(task_answers, examples)]
+    # over-refusal: benign task questions answered with a refusal
+    task_refused = [v.refused for v in judge.judge_all([e.input for e in examples], task_answers)]
 
     metrics = {
         "harmful_score": 100.0 * sum(v.harmful for v in verdicts) / len(verdicts),
         "harmful_score_plus": 100.0 * sum(v.harmful_plus for v in verdicts) / len(verdicts),
         "finetune_accuracy": 100.0 * sum(correct) / len(correct),
+        "task_refusal_rate": 100.0 * sum(task_refused) / len(task_refused),
         "n_eval_prompts": len(harmful_prompts),
         "n_task_eval": len(examples),
         "judge": judge.name,
@@ -46,10 +49,10 @@ def evaluate_model(model, formatter: PromptFormatter, harmful_prompts: list[str]
             for p, a, v in zip(harmful_prompts, harmful_answers, verdicts)
         ] + [
             {"kind": "task", "prompt": e.input, "output": a, "label": e.label,
-             "extracted": task.extract(a), "correct": c}
-            for e, a, c in zip(examples, task_answers, correct)
+             "extracted": task.extract(a), "correct": c, "refused": r}
+            for e, a, c, r in zip(examples, task_answers, correct, task_refused)
         ]
         atomic_write_text(generations_path, "".join(json.dumps(r) + "\n" for r in rows))
-    log.info("%s HS=%.1f HS+=%.1f FA=%.1f", tag, metrics["harmful_score"],
-             metrics["harmful_score_plus"], metrics["finetune_accuracy"])
+    log.info("%s HS=%.1f HS+=%.1f FA=%.1f task refusals=%.1f%%", tag, metrics["harmful_score"],
+             metrics["harmful_score_plus"], metrics["finetune_accuracy"], metrics["task_refusal_rate"])
     return metrics

@@ -45,14 +45,40 @@ SHORT_ANSWER = {
 }
 
 
-def _pool() -> list[str]:
-    pool = [t.format(topic) for t, topic in itertools.product(OPEN_ENDED, TOPICS)]
-    pool += [t.format(item) for t, items in SHORT_ANSWER.items() for item in items]
+# Instruction + input, the layout of the user's task prompts (the task itself is never used).
+WITH_INPUT = {
+    "Classify the topic of the input as sports, science, politics or food. Answer in one word.": [
+        "The team won the final match in extra time.", "Researchers observed a new comet last night.",
+        "The senate passed the budget bill on Tuesday.", "This soup needs more salt and pepper.",
+        "She scored twice in the second half.", "The vaccine trial enrolled two thousand people.",
+        "Voters will elect a new mayor in May.", "Fresh basil makes the sauce taste better.",
+    ],
+    "Is the input a question or a statement? Answer in one word.": [
+        "Where did you park the car?", "The library opens at nine.", "Can birds see colors?",
+        "My brother plays the violin.", "Is it going to rain today?", "The train was on time.",
+    ],
+    "Rewrite the input in the past tense.": [
+        "I walk to school.", "She reads a book.", "They play football after lunch.",
+        "We cook dinner together.", "He paints the fence.", "The dog chases the ball.",
+    ],
+    "Give a short title for the input.": [
+        "A small village holds a festival every summer with music and dancing.",
+        "A student learns to code by building a simple game.",
+        "Volunteers clean a beach and collect bags of plastic.",
+        "A farmer tries a new way to water crops during a dry season.",
+    ],
+}
+
+
+def _pool() -> list[tuple[str, str]]:
+    pool = [(t.format(topic), "") for t, topic in itertools.product(OPEN_ENDED, TOPICS)]
+    pool += [(t.format(item), "") for t, items in SHORT_ANSWER.items() for item in items]
+    pool += [(instruction, text) for instruction, texts in WITH_INPUT.items() for text in texts]
     return pool
 
 
-def benign_instructions(n: int, seed: int = 0) -> list[str]:
-    """n distinct benign instructions, open-ended and short-answer ones mixed (134 in all)."""
+def benign_instructions(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """n distinct benign (instruction, input) pairs of all three kinds, mixed (158 in all)."""
     pool = _pool()
     if n > len(pool):
         raise InputError(f"data.n_retain={n} exceeds the {len(pool)} benign instructions available")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from contextlib import contextmanager
@@ -14,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from datamodules.benign import benign_instructions
 from datamodules.formatting import PromptFormatter
 from datamodules.harmful import build_harmful_splits
+from datamodules.refusals import REFUSALS
 from datamodules.sft import SFTDataModule, check_poison_counts
 from pipeline.cache import StageCache, config_key
 from pipeline.generation import generate_greedy
@@ -59,11 +61,15 @@ class Experiment:
 
     # --- cache keys -------------------------------------------------------------------------
     def align_key(self) -> str:
-        """Everything that determines the aligned adapter, and nothing else."""
+        """Everything that determines the aligned adapter, and nothing else: the configs and the
+        alignment texts themselves (so an edit of the refusals or retain instructions counts)."""
         cfg = self.cfg
+        texts = {"align_prompts": self.splits.align_prompts, "refusals": REFUSALS,
+                 "defender": [(p.prompt, p.answer) for p in self.splits.defender_pairs],
+                 "retain": benign_instructions(cfg.data.n_retain, cfg.data.split_seed)}
         return config_key({
             "model": plain(cfg.model), "data": plain(cfg.data), "align": plain(cfg.align),
-            "precision": cfg.model.precision,
+            "texts": config_key(texts),
         })
 
     def aligned_eval_key(self) -> str:
@@ -72,16 +78,27 @@ class Experiment:
                            "judge": plain(cfg.judge), "task": plain(cfg.task)})
 
     def retain_samples(self) -> list[dict]:
-        """Benign instructions answered by the current model (at alignment start: the base model)."""
+        """Benign instructions answered by the base model, cached by model and instructions.
+
+        Called at alignment start, when the adapter is fresh (B = 0: the model is the base model).
+        """
         d = self.cfg.data
-        instructions = benign_instructions(d.n_retain, d.split_seed)
-        prompts = [self.formatter.prompt(i) for i in instructions]
-        with self.timed("retain_generation"):
-            answers, finished = generate_greedy(
-                self.model, self.tokenizer, prompts, d.retain_max_new_tokens,
-                self.cfg.eval.batch_size, desc="retain answers (base model)", with_finished=True)
-        return [{"prompt": p, "answer": a, "is_harmful": False, "add_eos": f}
-                for p, a, f in zip(prompts, answers, finished)]
+        prompts = [self.formatter.prompt(instruction, text)
+                   for instruction, text in benign_instructions(d.n_retain, d.split_seed)]
+        key = config_key({"model": plain(self.cfg.model), "prompts": prompts,
+                          "max_new_tokens": d.retain_max_new_tokens})
+        entry = self.cache.lookup("retain", key)
+        if entry is None:
+            def write(folder: Path) -> None:
+                with self.timed("retain_generation"):
+                    answers, finished = generate_greedy(
+                        self.model, self.tokenizer, prompts, d.retain_max_new_tokens,
+                        self.cfg.eval.batch_size, desc="retain answers (base model)", with_finished=True)
+                samples = [{"prompt": p, "answer": a, "is_harmful": False, "add_eos": f}
+                           for p, a, f in zip(prompts, answers, finished)]
+                (folder / "samples.json").write_text(json.dumps(samples, indent=1))
+            entry = self.cache.store("retain", key, write, meta={"n": len(prompts)})
+        return json.loads((entry / "samples.json").read_text())
 
     # --- training -----------------------------------------------------------------------------
     def datamodule(self, samples: list[dict], stage_cfg: DictConfig) -> SFTDataModule:

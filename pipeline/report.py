@@ -17,12 +17,11 @@ def print_summary(results: dict) -> None:
     table.add_column("HS (%) lower=better", justify="right")
     table.add_column("HS+ (%)", justify="right")
     table.add_column("FA (%) higher=better", justify="right")
-    if "aligned_harmful_score" in results:
-        table.add_row("aligned (before fine-tuning)", _fmt(results["aligned_harmful_score"]),
-                      _fmt(results["aligned_harmful_score_plus"]), _fmt(results["aligned_finetune_accuracy"]))
-    if "harmful_score" in results:
-        table.add_row("deployed", _fmt(results["harmful_score"]), _fmt(results["harmful_score_plus"]),
-                      _fmt(results["finetune_accuracy"]))
+    table.add_column("task refusals (%)", justify="right")
+    for label, prefix in (("aligned (before fine-tuning)", "aligned_"), ("deployed", "")):
+        if f"{prefix}harmful_score" in results:
+            table.add_row(label, *(_fmt(results.get(f"{prefix}{k}")) for k in
+                                   ("harmful_score", "harmful_score_plus", "finetune_accuracy", "task_refusal_rate")))
     console = Console()
     console.print(table)
     console.print(

@@ -52,6 +52,15 @@ def test_aligned_model_is_reused_across_ratio_defense_stage_and_seed(tiny_cfg, t
     assert not third["aligned_reused"] and len(cache_entries(tmp_path)) == 2
 
 
+def test_alignment_key_covers_the_alignment_texts(tiny_cfg, tmp_path, monkeypatch):
+    from pipeline.experiment import Experiment
+
+    key = Experiment(tiny_cfg(), tmp_path).align_key()
+    assert Experiment(tiny_cfg("harmful_ratio=0.7", "finetune.n=10"), tmp_path).align_key() == key
+    monkeypatch.setattr("pipeline.experiment.REFUSALS", ["I refuse."])
+    assert Experiment(tiny_cfg(), tmp_path).align_key() != key
+
+
 def test_killed_cache_write_leaves_no_entry(tiny_cfg, tmp_path, monkeypatch):
     def dying_save(model, path):
         path.write_bytes(b"partial")
