@@ -32,6 +32,7 @@ def test_full_run_writes_results_and_generations(tiny_cfg, tmp_path):
     assert saved["harmful_score"] == pytest.approx(100 * sum(r["harmful"] for r in harmful_rows) / 6)
     task_rows = [r for r in rows if r["kind"] == "task"]
     assert saved["finetune_accuracy"] == pytest.approx(100 * sum(r["correct"] for r in task_rows) / 6)
+    assert saved["task_refusal_rate"] == pytest.approx(100 * sum(r["refused"] for r in task_rows) / 6)
     assert (tmp_path / "run" / "generations_aligned.jsonl").is_file()
     assert (tmp_path / "run" / "adapters" / "deployed.safetensors").is_file()
 
@@ -126,3 +127,18 @@ def test_command_line_errors(tmp_path):
         assert unknown.returncode != 0
         assert f"Could not find '{group}/nope'" in unknown.stderr and name in unknown.stderr
     assert not (tmp_path / "cache").exists()
+
+
+def test_multirun_sweep_aligns_once(tmp_path):
+    """`-m` over harmful_ratio with the basic launcher: one alignment, one results.json per point."""
+    from conftest import TINY
+
+    done = subprocess.run(
+        [sys.executable, "run.py", "-m", *TINY, "harmful_ratio=0,0.5", f"cache_dir={tmp_path}/cache",
+         f"hydra.sweep.dir={tmp_path}/sweep"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = sorted(json.loads(p.read_text())["harmful_ratio"] for p in (tmp_path / "sweep").glob("*/results.json"))
+    assert results == [0, 0.5]
+    assert len(cache_entries(tmp_path)) == 1
+    assert "reused aligned model from" in done.stdout + done.stderr
