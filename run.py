@@ -78,10 +78,18 @@ def stage_finetune(exp: Experiment, results: dict) -> None:
 
 
 def stage_post(exp: Experiment, results: dict) -> None:
-    """Fine-tuned adapter -> deployed adapter (a defense's transform; identity when post is null)."""
+    """Fine-tuned adapter -> deployed adapter (a defense's transform; identity when post is null).
+
+    With a transform and an eval stage, the fine-tuned model is also evaluated before it
+    (`before_post_*` in results.json), so one run shows what the transform buys.
+    """
     if exp.cfg.post is not None:
+        transform = instantiate(exp.cfg.post)
+        if "eval" in exp.cfg.stages:
+            before = run_eval(exp, exp.run_dir / "generations_before_post.jsonl", tag="before_post")
+            results.update({f"before_post_{k}": v for k, v in before.items()})
         with exp.timed("post"):
-            instantiate(exp.cfg.post)(exp)
+            transform(exp)
     save_adapter(exp.model, exp.run_dir / "adapters" / "deployed.safetensors")
 
 

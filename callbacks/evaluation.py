@@ -14,6 +14,9 @@ from pipeline.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
+# Bump when what evaluate_model computes changes: cached evaluations of aligned models are keyed by it.
+EVAL_VERSION = 2
+
 
 def evaluate_model(model, formatter: PromptFormatter, harmful_prompts: list[str], task: Task, judge,
                    n_task: int, harmful_max_new_tokens: int, task_max_new_tokens: int,

@@ -12,6 +12,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from callbacks.evaluation import EVAL_VERSION
 from datamodules.benign import benign_instructions
 from datamodules.formatting import PromptFormatter
 from datamodules.harmful import build_harmful_splits
@@ -74,7 +75,7 @@ class Experiment:
 
     def aligned_eval_key(self) -> str:
         cfg = self.cfg
-        return config_key({"align": self.align_key(), "eval": plain(cfg.eval),
+        return config_key({"align": self.align_key(), "version": EVAL_VERSION, "eval": plain(cfg.eval),
                            "judge": plain(cfg.judge), "task": plain(cfg.task)})
 
     def retain_samples(self) -> list[dict]:

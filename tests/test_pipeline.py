@@ -142,3 +142,14 @@ def test_multirun_sweep_aligns_once(tmp_path):
     assert results == [0, 0.5]
     assert len(cache_entries(tmp_path)) == 1
     assert "reused aligned model from" in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("defense", ["panacea", "random_perturb"])
+def test_post_fine_tuning_defenses_report_before_and_after(tiny_cfg, tmp_path, defense):
+    results = run_module.run(tiny_cfg(f"defense={defense}", "defense.finetune_module.harmful_batch_size=4"
+                                      if defense == "panacea" else "defense.post.intensity=0.5"), tmp_path / "run")
+    for key in ("harmful_score", "finetune_accuracy"):
+        assert f"before_post_{key}" in results and key in results
+    assert (tmp_path / "run" / "generations_before_post.jsonl").is_file()
+    assert (tmp_path / "run" / "epsilon_layer_norms.png").is_file() == (defense == "panacea")
+    assert "post" in results["seconds"]

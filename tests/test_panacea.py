@@ -1,0 +1,156 @@
+"""Panacea's step pinned against an independent computation on the tiny model."""
+
+import lightning as L
+import pytest
+import torch
+from torch.func import functional_call
+
+from callbacks.perturbation import AddGaussianNoise, AddPanaceaEpsilon, layer_norms
+from datamodules.formatting import collate
+from datamodules.sft import SFTDataModule
+from lightning_modules.causal_lm import answer_loss
+from lightning_modules.panacea import PanaceaModule, global_norm
+from pipeline.models import add_lora, build_tiny
+
+RHO, LAM, CLAMP = 0.5, 0.5, None
+
+
+class Pair:
+    def __init__(self, prompt, answer):
+        self.prompt, self.answer = prompt, answer
+
+
+def setup(tiny_formatter, n_user=4, lr=1.0, clamp=CLAMP, optimizer=torch.optim.SGD):
+    base, _ = build_tiny(init_seed=1)
+    model = add_lora(base, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"], seed=0)
+    with torch.no_grad():  # nonzero B so that every LoRA tensor has a gradient
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+    users = [{"prompt": tiny_formatter.prompt(f"Review {i}: fine."), "answer": "positive", "is_harmful": False}
+             for i in range(n_user)]
+    defender = [Pair(f"How do I do harm number {i}?", f"Step one: harm {i}.") for i in range(3)]
+    dm = SFTDataModule(users, tiny_formatter, batch_size=4, seed=0, defender_pairs=defender)
+    module = PanaceaModule(model, optimizer=lambda ps: optimizer(ps, lr=lr), rho=RHO, lam=LAM,
+                           harmful_batch_size=3, harmful_loss_clamp=clamp)
+    return model, dm, module
+
+
+def fit(module, dm, steps, **kwargs):
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, **kwargs)
+    trainer.fit(module, datamodule=dm)
+    return trainer
+
+
+def independent_update(model, user_batch, harmful_batch, clamp):
+    """G − λ(H_ε − H) with torch.func on a dict of parameters: no in-place perturbation."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters() if p.requires_grad}
+
+    def loss(ps, batch):
+        logits = functional_call(model, ps, (batch["input_ids"],), {"attention_mask": batch["attention_mask"]}).logits
+        return answer_loss(logits, batch["labels"])
+
+    G = torch.autograd.grad(loss(params, user_batch), [params[n] for n in names])
+    H = torch.autograd.grad(loss(params, harmful_batch), [params[n] for n in names])
+    norm = torch.sqrt(sum((h ** 2).sum() for h in H))
+    eps = {n: RHO * h / (norm + 1e-7) for n, h in zip(names, H)}
+    perturbed = {n: (params[n] + eps[n]).detach().requires_grad_(True) for n in names}
+    h_eps = loss(perturbed, harmful_batch)
+    if clamp is not None:
+        h_eps = torch.clamp(h_eps, max=clamp)
+    H_eps = torch.autograd.grad(h_eps, [perturbed[n] for n in names])
+    return {n: g - LAM * (he - h) for n, g, h, he in zip(names, G, H, H_eps)}, eps
+
+
+@pytest.mark.parametrize("clamp", [None, 100.0, 0.1])
+def test_step_equals_independent_gradient(tiny_formatter, clamp):
+    model, dm, module = setup(tiny_formatter, clamp=clamp)
+    user_batch = next(iter(dm.train_dataloader()))
+    harmful_batch = collate(
+        [{**tiny_formatter.encode(tiny_formatter.prompt(p.prompt), p.answer)} for p in dm.defender_pairs],
+        pad_id=tiny_formatter.tokenizer.pad_token_id)
+    expected_grad, expected_eps = independent_update(model, user_batch, harmful_batch, clamp)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = fit(module, dm, steps=1)
+    assert trainer.global_step == 1
+    for n, p in model.named_parameters():
+        if p.requires_grad:  # SGD with lr = 1: w_after = w_before - grad
+            torch.testing.assert_close(before[n] - p.detach(), expected_grad[n], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(module.epsilon[n], expected_eps[n], rtol=1e-4, atol=1e-7)
+        else:
+            assert torch.equal(before[n], p.detach())
+    assert global_norm(list(module.epsilon.values())).item() == pytest.approx(RHO, rel=1e-5)
+
+
+def test_weights_restored_exactly_when_the_optimizer_does_not_move(tiny_formatter):
+    model, dm, module = setup(tiny_formatter, lr=0.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fit(module, dm, steps=1)
+    assert all(torch.equal(before[n], p.detach()) for n, p in model.named_parameters())
+    assert module.epsilon and all(e.abs().sum() > 0 for e in module.epsilon.values())
+
+
+def test_one_optimizer_step_per_batch(tiny_formatter):
+    model, dm, module = setup(tiny_formatter, n_user=12, lr=1e-3, optimizer=torch.optim.AdamW)
+    trainer = fit(module, dm, steps=-1, max_epochs=1)
+    assert trainer.global_step == 3  # 12 samples, batch 4
+
+
+def test_deployed_weights_are_fine_tuned_plus_epsilon(tiny_formatter, tmp_path):
+    model, dm, module = setup(tiny_formatter, lr=1e-3, optimizer=torch.optim.AdamW)
+    fit(module, dm, steps=2)
+    w_T = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    class Exp:
+        pass
+    exp = Exp()
+    exp.model, exp.finetune_module, exp.run_dir = model, module, tmp_path
+    AddPanaceaEpsilon()(exp)
+    for n, p in model.named_parameters():
+        expected = w_T[n] + module.epsilon[n] if n in module.epsilon else w_T[n]
+        assert torch.equal(p.detach(), expected)
+    rows = layer_norms(module.epsilon)
+    assert {(r["layer"], r["module"]) for r in rows} == {(i, m) for i in (0, 1) for m in ("q_proj", "v_proj")}
+    assert sum(r["norm"] ** 2 for r in rows) == pytest.approx(RHO ** 2, rel=1e-4)
+    assert (tmp_path / "epsilon_layer_norms.png").stat().st_size > 0
+    assert (tmp_path / "epsilon_layer_norms.csv").read_text().startswith("layer,module,norm")
+
+
+def test_epsilon_is_saved_and_restored_with_the_checkpoint(tiny_formatter, tmp_path):
+    model, dm, module = setup(tiny_formatter, lr=1e-3, optimizer=torch.optim.AdamW)
+    trainer = fit(module, dm, steps=1)
+    trainer.save_checkpoint(tmp_path / "step1.ckpt")
+    _, _, fresh = setup(tiny_formatter, lr=1e-3, optimizer=torch.optim.AdamW)
+    checkpoint = torch.load(tmp_path / "step1.ckpt", weights_only=False)
+    fresh.on_load_checkpoint(checkpoint)
+    assert fresh.epsilon.keys() == module.epsilon.keys()
+    assert all(torch.equal(fresh.epsilon[k], module.epsilon[k]) for k in module.epsilon)
+
+
+def test_random_perturbation_has_the_given_intensity(tiny_formatter, tmp_path):
+    model, _, _ = setup(tiny_formatter)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    class Exp:
+        pass
+    exp = Exp()
+    exp.model = model
+    AddGaussianNoise(intensity=0.05, seed=0)(exp)
+    deltas = torch.cat([(p.detach() - before[n]).flatten() for n, p in model.named_parameters() if p.requires_grad])
+    frozen_same = all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    assert frozen_same and deltas.std().item() == pytest.approx(0.05, rel=0.1)
+
+
+def test_fp16_is_refused(tiny_formatter):
+    from types import SimpleNamespace
+
+    from pipeline.validation import InputError
+
+    _, _, module = setup(tiny_formatter)
+    module._trainer = SimpleNamespace(precision="16-mixed")
+    with pytest.raises(InputError, match="refuses precision=16-mixed.*bf16-mixed"):
+        module.on_fit_start()
+    module._trainer = SimpleNamespace(precision="bf16-mixed")
+    module.on_fit_start()
