@@ -51,6 +51,11 @@ class PanaceaModule(CausalLMModule):
             raise InputError(
                 f"defense=panacea refuses precision={precision}: fp16 with a grad scaler scales the "
                 "gradients that ε is built from; use model.precision=bf16-mixed or 32-true")
+        if self.trainer.world_size > 1:
+            # Three backward passes per step inside one DDP forward, and ‖H‖ must come from the
+            # all-reduced gradient: not implemented yet, so refuse rather than compute a wrong ε.
+            raise InputError("defense=panacea runs in one process for now (trainer.devices=1); "
+                             "multi-process synchronization of ε is not implemented yet")
 
     # --- the defender's harmful batches, cycled --------------------------------------------
     def on_train_start(self) -> None:

@@ -149,8 +149,11 @@ def test_fp16_is_refused(tiny_formatter):
     from pipeline.validation import InputError
 
     _, _, module = setup(tiny_formatter)
-    module._trainer = SimpleNamespace(precision="16-mixed")
+    module._trainer = SimpleNamespace(precision="16-mixed", world_size=1)
     with pytest.raises(InputError, match="refuses precision=16-mixed.*bf16-mixed"):
         module.on_fit_start()
-    module._trainer = SimpleNamespace(precision="bf16-mixed")
+    module._trainer = SimpleNamespace(precision="bf16-mixed", world_size=1)
     module.on_fit_start()
+    module._trainer = SimpleNamespace(precision="32-true", world_size=2)
+    with pytest.raises(InputError, match="one process for now"):
+        module.on_fit_start()
