@@ -1,0 +1,111 @@
+"""Step time and peak memory of each defense's training step relative to SFT, measured in one run.
+
+    .venv/bin/python benchmarks/step_time.py                      # default model, batch 8 x 128
+    .venv/bin/python benchmarks/step_time.py --model tiny --steps 5
+
+Every (defense, repetition) runs in its own process (so peak RSS is that defense's own), in
+interleaved order (sft, panacea, sft, panacea, ...) so that machine noise hits both alike. The
+user batch and the defender's harmful batch are real samples, all cut to the same length.
+Ratios are what to read: absolute times drift on a shared machine. Never used as a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+DEFENSES = {
+    "sft": ("lightning_modules.causal_lm", "CausalLMModule", {}),
+    "panacea": ("lightning_modules.panacea", "PanaceaModule", {"harmful_batch_size": None}),
+}
+# forward-backward passes per step: the physical floor of the ratio
+PASSES = {"sft": 1, "panacea": 3}
+
+
+def measure(defense: str, args, queue) -> None:
+    import importlib
+
+    import lightning as L
+    import torch
+
+    from datamodules.formatting import PromptFormatter
+    from datamodules.harmful import build_harmful_splits
+    from datamodules.sft import SFTDataModule
+    from pipeline.models import add_lora, build_tiny, load_smollm2
+
+    torch.manual_seed(0)
+    base, tokenizer = load_smollm2() if args.model == "smollm2" else build_tiny()
+    model = add_lora(base, 8, 16, 0.0, ["q_proj", "k_proj", "v_proj"], seed=0)
+    formatter = PromptFormatter(tokenizer, "chat", args.seq_len)
+    splits = build_harmful_splits(
+        "pkg:pyrit/datasets/jailbreak/many_shot_examples.json",
+        [{"path": "pkg:pyrit/datasets/seed_datasets/local/adv_bench.prompt", "format": "seed_yaml"}],
+        n_defender=100, n_align=10, n_eval=10)
+    users = [{"prompt": formatter.prompt(p.prompt), "answer": p.answer, "is_harmful": False}
+             for p in splits.user_pairs]
+    dm = SFTDataModule(users, formatter, args.batch_size, seed=0, defender_pairs=splits.defender_pairs)
+    module_name, class_name, extra = DEFENSES[defense]
+    extra = {k: (args.batch_size if v is None else v) for k, v in extra.items()}
+    cls = getattr(importlib.import_module(module_name), class_name)
+    module = cls(model, optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-4), **extra)
+
+    times: list[float] = []
+
+    class Timer(L.Callback):
+        def on_train_batch_start(self, *a):
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, *a):
+            times.append(time.perf_counter() - self.start)
+
+    trainer = L.Trainer(max_steps=args.warmup + args.steps, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[Timer()])
+    trainer.fit(module, datamodule=dm)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put((defense, statistics.median(times[args.warmup:]), peak_mib))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per process")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--reps", type=int, default=2, help="processes per defense, interleaved")
+    parser.add_argument("--defenses", nargs="+", default=list(DEFENSES), choices=list(DEFENSES))
+    args = parser.parse_args()
+
+    ctx = mp.get_context("spawn")
+    results: dict[str, list[tuple[float, float]]] = {d: [] for d in args.defenses}
+    for _ in range(args.reps):
+        for defense in args.defenses:
+            queue = ctx.Queue()
+            proc = ctx.Process(target=measure, args=(defense, args, queue))
+            proc.start()
+            name, step, peak = queue.get()
+            proc.join()
+            results[name].append((step, peak))
+
+    sft_step = statistics.median(s for s, _ in results["sft"])
+    sft_peak = statistics.median(p for _, p in results["sft"])
+    print(f"\nmodel={args.model} batch={args.batch_size}x{args.seq_len} steps={args.steps} reps={args.reps}\n")
+    print("| defense | step time (s, median) | ratio vs SFT | floor (passes) | peak RSS (MiB) | ratio vs SFT |")
+    print("|---|---|---|---|---|---|")
+    for defense, rows in results.items():
+        step = statistics.median(s for s, _ in rows)
+        peak = statistics.median(p for _, p in rows)
+        print(f"| {defense} | {step:.2f} | {step / sft_step:.2f}x | {PASSES[defense]}x | {peak:.0f} | "
+              f"{peak / sft_peak:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
