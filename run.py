@@ -44,9 +44,9 @@ def stage_align(exp: Experiment, results: dict) -> None:
         samples = alignment_samples(exp.splits, exp.formatter, exp.retain_samples())
         exp.fit("align", exp.module(exp.cfg.align), exp.datamodule(samples, exp.cfg.align), exp.cfg.align)
         entry = exp.cache.store("align", key, lambda d: save_adapter(exp.model, d / ADAPTER),
-                                meta={"n_align": len(exp.splits.align_prompts), "n_retain": exp.cfg.data.n_retain,
-                                      "config": plain(exp.cfg.align),
-                                      "model": exp.cfg.model.name, "seconds": exp.timings["align"]})
+                                meta={"n_align": len(exp.splits.align_prompts), "model": exp.cfg.model.name,
+                                      "n_retain": exp.cfg.data.n_retain, "config": plain(exp.cfg.align),
+                                      "seconds": exp.timings["align"]})
         log.info("aligned model written to %s", entry)
     load_adapter(exp.model, entry / ADAPTER)
     results.update(aligned_adapter=str(entry / ADAPTER), aligned_reused="align" not in exp.timings)

@@ -25,7 +25,7 @@ class AddPanaceaEpsilon:
     norms of ε (paper Fig. 5) as CSV and PNG in the run directory."""
 
     def __call__(self, exp) -> None:
-        epsilon = getattr(getattr(exp, "finetune_module", None), "epsilon", None)
+        epsilon = getattr(exp.finetune_module, "epsilon", None)
         if not epsilon:
             raise InputError("defense=panacea's post stage needs the ε learned by its finetune stage "
                              "in the same run: include finetune in stages")

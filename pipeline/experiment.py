@@ -50,6 +50,7 @@ class Experiment:
         self.n_harmful, self.n_benign = check_poison_counts(
             self.task, self.splits, cfg.finetune.n, cfg.harmful_ratio)
         self.model = self.tokenizer = self.formatter = None
+        self.finetune_module = None  # set by the finetune stage; post transforms may read it
 
     def load_model(self) -> None:
         cfg = self.cfg
