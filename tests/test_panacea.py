@@ -157,3 +157,24 @@ def test_fp16_is_refused(tiny_formatter):
     module._trainer = SimpleNamespace(precision="32-true", world_size=2)
     with pytest.raises(InputError, match="one process for now"):
         module.on_fit_start()
+
+
+def test_resumed_run_applies_the_same_epsilon(tiny_formatter, tmp_path):
+    """Two steps in one go vs one step, a checkpoint, and a resumed second step: same weights, same
+    ε (each batch holds the whole user set and the whole defender set, so batch order is moot)."""
+    optimizer = torch.optim.AdamW
+    model_a, dm_a, module_a = setup(tiny_formatter, lr=1e-2, optimizer=optimizer)
+    fit(module_a, dm_a, steps=2)
+
+    model_b, dm_b, module_b = setup(tiny_formatter, lr=1e-2, optimizer=optimizer)
+    trainer = fit(module_b, dm_b, steps=1)
+    trainer.save_checkpoint(tmp_path / "step1.ckpt")
+    model_c, dm_c, module_c = setup(tiny_formatter, lr=1e-2, optimizer=optimizer)
+    resumed = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    resumed.fit(module_c, datamodule=dm_c, ckpt_path=tmp_path / "step1.ckpt")
+    assert resumed.global_step == 2
+    for name, eps in module_a.epsilon.items():
+        torch.testing.assert_close(module_c.epsilon[name], eps, rtol=1e-4, atol=1e-6)
+    for (name, a), (_, c) in zip(model_a.named_parameters(), model_c.named_parameters()):
+        torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-6, msg=name)
