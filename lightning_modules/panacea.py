@@ -86,9 +86,6 @@ class PanaceaModule(CausalLMModule):
             p.grad = None
         return grads
 
-    def harmful_loss(self, batch: dict) -> torch.Tensor:
-        return self.batch_loss(batch)
-
     def training_step(self, batch: dict, batch_idx: int) -> None:
         opt = self.optimizers()
         names, params = zip(*self.named_trainable())
@@ -97,7 +94,7 @@ class PanaceaModule(CausalLMModule):
         g_loss = self.batch_loss(batch)
         G = self._grads(g_loss, params)
         harmful = self.next_harmful_batch()
-        h_loss = self.harmful_loss(harmful)
+        h_loss = self.batch_loss(harmful)
         H = self._grads(h_loss, params)
 
         with torch.no_grad():
@@ -107,7 +104,7 @@ class PanaceaModule(CausalLMModule):
             backup = [p.detach().clone() for p in params]
             for p, e in zip(params, eps):
                 p.add_(e)
-        h_eps_loss = self.harmful_loss(harmful)
+        h_eps_loss = self.batch_loss(harmful)
         clamped = h_eps_loss if self.harmful_loss_clamp is None else torch.clamp(h_eps_loss, max=self.harmful_loss_clamp)
         H_eps = self._grads(clamped, params)
         with torch.no_grad():

@@ -49,6 +49,3 @@ class StageCache:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return final
-
-    def meta(self, entry: Path) -> dict:
-        return json.loads((entry / "meta.json").read_text())
