@@ -13,11 +13,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.models import trainable
 from pipeline.validation import InputError
-
-
-def trainable(model) -> dict[str, torch.nn.Parameter]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
 class AddPanaceaEpsilon:

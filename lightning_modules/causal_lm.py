@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.formatting import IGNORE_INDEX
+from pipeline.models import trainable
 
 
 def answer_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +52,7 @@ class CausalLMModule(L.LightningModule):
         self.scheduler_factory = scheduler
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
+        return list(trainable(self.model).values())
 
     def batch_loss(self, batch: dict) -> torch.Tensor:
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from lightning_modules.causal_lm import CausalLMModule
+from pipeline.models import trainable
 from pipeline.validation import InputError
 
 
@@ -73,9 +74,6 @@ class PanaceaModule(CausalLMModule):
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     # --- one step ---------------------------------------------------------------------------
-    def named_trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
-        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-
     def _grads(self, loss: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
         """Backward `loss` and return a copy of the gradients, leaving .grad empty."""
         for p in params:
@@ -88,7 +86,7 @@ class PanaceaModule(CausalLMModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         opt = self.optimizers()
-        names, params = zip(*self.named_trainable())
+        names, params = zip(*trainable(self.model).items())
         params = list(params)
 
         g_loss = self.batch_loss(batch)

@@ -135,6 +135,11 @@ def add_lora(model, r: int, alpha: float, dropout: float, target_modules: list[s
         return get_peft_model(model, config)
 
 
+def trainable(model) -> dict[str, torch.nn.Parameter]:
+    """The trainable (LoRA) parameters by name; everything else is frozen."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
 def save_adapter(model, path: Path) -> None:
     state = {k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(model).items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
