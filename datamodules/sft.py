@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import logging
 import random
-from functools import partial
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from datamodules.formatting import PromptFormatter, collate
 from datamodules.harmful import HarmfulSplits
@@ -33,6 +32,9 @@ class SFTDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.seed = seed
         self.defender_pairs = list(defender_pairs)
+        # When set (by a defense's `setup`, e.g. Antibody's weighting), each training batch also
+        # carries batch["refusal"]: the same prompts answered by a generic refusal (refusal_for(i)).
+        self.refusal_view = False
         self._encoded = None
 
     def encoded(self) -> list[dict]:
@@ -42,26 +44,42 @@ class SFTDataModule(L.LightningDataModule):
                  "is_harmful": s["is_harmful"], "index": i}
                 for i, s in enumerate(self.samples)
             ]
+            if self.refusal_view:
+                for i, (item, s) in enumerate(zip(self._encoded, self.samples)):
+                    item["refusal"] = self.formatter.encode(s["prompt"], refusal_for(i))
         return self._encoded
 
-    def _loader(self, items, batch_size: int, seed: int) -> DataLoader:
-        return DataLoader(
-            items, batch_size=batch_size, shuffle=True,
-            generator=torch.Generator().manual_seed(seed),
-            collate_fn=partial(collate, pad_id=self.formatter.tokenizer.pad_token_id),
-        )
+    def _collate(self, features: list[dict]) -> dict:
+        pad_id = self.formatter.tokenizer.pad_token_id
+        batch = collate([{k: v for k, v in f.items() if k != "refusal"} for f in features], pad_id)
+        if "refusal" in features[0]:
+            batch["refusal"] = collate([f["refusal"] for f in features], pad_id)
+        return batch
+
+    def _loader(self, items, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0) -> DataLoader:
+        if num_replicas > 1:  # each process its own shard of every global batch
+            sampler = DistributedSampler(items, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+            return DataLoader(items, batch_size=batch_size, sampler=sampler, collate_fn=self._collate)
+        return DataLoader(items, batch_size=batch_size, shuffle=True,
+                          generator=torch.Generator().manual_seed(seed), collate_fn=self._collate)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.encoded(), self.batch_size, self.seed)
 
-    def defender_harmful_dataloader(self, batch_size: int | None = None) -> DataLoader:
-        """The defender's harmful (prompt -> harmful answer) pairs, for defenses that need h(w)."""
+    def defender_harmful_dataloader(self, batch_size: int | None = None, num_replicas: int = 1,
+                                    rank: int = 0) -> DataLoader:
+        """The defender's harmful (prompt -> harmful answer) pairs, for defenses that need h(w).
+
+        Each item also carries "refusal": the same prompt answered by a generic refusal (Antibody's
+        R term). With num_replicas > 1 each process draws its own shard (batch_size per process).
+        """
         items = [
             {**self.formatter.encode(self.formatter.prompt(p.prompt), p.answer),
-             "is_harmful": True, "index": i}
+             "is_harmful": True, "index": i,
+             "refusal": self.formatter.encode(self.formatter.prompt(p.prompt), refusal_for(i))}
             for i, p in enumerate(self.defender_pairs)
         ]
-        return self._loader(items, batch_size or self.batch_size, self.seed + 1)
+        return self._loader(items, batch_size or self.batch_size, self.seed + 1, num_replicas, rank)
 
 
 def alignment_samples(splits: HarmfulSplits, formatter: PromptFormatter,

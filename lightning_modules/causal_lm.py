@@ -55,8 +55,43 @@ class CausalLMModule(L.LightningModule):
         return list(trainable(self.model).values())
 
     def batch_loss(self, batch: dict) -> torch.Tensor:
+        """Mean cross-entropy over the answer tokens of the (global) batch."""
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return answer_loss(logits, batch["labels"])
+        nll_sum, count = answer_token_nll(logits, batch["labels"])
+        return nll_sum.sum() / self.tokens_per_process(count.sum())
+
+    def tokens_per_process(self, count: torch.Tensor) -> torch.Tensor:
+        """This process's answer-token count, or under DDP the mean count over processes: DDP
+        averages gradients over processes, so dividing each process's token sum by the mean count
+        makes the averaged gradient that of the mean over ALL tokens of the global batch, exactly
+        what one process computes on the same global batch (not a mean of per-process means)."""
+        count = count.float()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            count = self.trainer.strategy.reduce(count, reduce_op="mean")
+        return count.clamp(min=1)
+
+    def gradients(self, loss: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+        """Backward `loss` (all-reduced under DDP) and return a copy of the gradients of `params`,
+        leaving their .grad empty: the building block of multi-pass manual optimization."""
+        for p in params:
+            p.grad = None
+        self.manual_backward(loss)
+        grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+        for p in params:
+            p.grad = None
+        return grads
+
+    def optimizer_step_with(self, grads: list[torch.Tensor], params: list[torch.nn.Parameter]) -> None:
+        """Set `grads` as the gradient and take ONE optimizer (and scheduler) step."""
+        opt = self.optimizers()
+        with torch.no_grad():
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched = self.lr_schedulers()
+        if sched is not None:
+            sched.step()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.batch_loss(batch)

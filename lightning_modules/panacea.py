@@ -18,19 +18,34 @@ from typing import Callable
 
 import torch
 
+from datamodules.cycling import CyclingBatches
 from lightning_modules.causal_lm import CausalLMModule
+from lightning_modules.gradients import global_norm
 from pipeline.models import trainable
 from pipeline.validation import InputError
 
 
-def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """One L2 norm over all tensors together (not per layer)."""
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors]))
+def refuse_fp16(trainer, defense: str) -> None:
+    precision = str(trainer.precision)
+    if precision.startswith("16"):
+        raise InputError(
+            f"defense={defense} refuses precision={precision}: fp16 with a grad scaler scales the "
+            "gradients its perturbation is built from; use model.precision=bf16-mixed or 32-true")
+
+
+def defender_batches(module, batch_size: int) -> CyclingBatches:
+    """The datamodule's defender-held harmful pairs, cycled; one shard per process under DDP."""
+    trainer = module.trainer
+    loader = trainer.datamodule.defender_harmful_dataloader(
+        batch_size, num_replicas=trainer.world_size, rank=trainer.global_rank)
+    if len(loader.dataset) == 0:
+        raise InputError(f"{type(module).__name__} needs defender-held harmful samples: set data.n_defender >= 1")
+    return CyclingBatches(loader)
 
 
 class PanaceaModule(CausalLMModule):
     """rho: radius of ε (reference 1.0). lam: weight λ of the harmful-loss increase (reference 1e-3).
-    harmful_batch_size: size of the defender's harmful batch per step (reference 10).
+    harmful_batch_size: defender's harmful samples per step and process (reference 10).
     harmful_loss_clamp: h(w+ε) is clamped at this value before its backward, as the reference
     does (5.0); null disables the clamp."""
 
@@ -44,56 +59,26 @@ class PanaceaModule(CausalLMModule):
         self.harmful_batch_size = harmful_batch_size
         self.harmful_loss_clamp = harmful_loss_clamp
         self.epsilon: dict[str, torch.Tensor] = {}
-        self._harmful_batches = self._harmful_loader = None
+        self.harmful: CyclingBatches | None = None
+        self._resume_drawn = 0
 
     def on_fit_start(self) -> None:
-        precision = str(self.trainer.precision)
-        if precision.startswith("16"):
-            raise InputError(
-                f"defense=panacea refuses precision={precision}: fp16 with a grad scaler scales the "
-                "gradients that ε is built from; use model.precision=bf16-mixed or 32-true")
-        if self.trainer.world_size > 1:
-            # Three backward passes per step inside one DDP forward, and ‖H‖ must come from the
-            # all-reduced gradient: not implemented yet, so refuse rather than compute a wrong ε.
-            raise InputError("defense=panacea runs in one process for now (trainer.devices=1); "
-                             "multi-process synchronization of ε is not implemented yet")
+        refuse_fp16(self.trainer, "panacea")
 
-    # --- the defender's harmful batches, cycled --------------------------------------------
     def on_train_start(self) -> None:
-        self._harmful_loader = self.trainer.datamodule.defender_harmful_dataloader(self.harmful_batch_size)
-        if len(self._harmful_loader.dataset) == 0:
-            raise InputError("Panacea needs defender-held harmful samples: set data.n_defender >= 1")
-        self._harmful_batches = iter(self._harmful_loader)
-
-    def next_harmful_batch(self) -> dict:
-        try:
-            batch = next(self._harmful_batches)
-        except StopIteration:
-            self._harmful_batches = iter(self._harmful_loader)
-            batch = next(self._harmful_batches)
-        return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        self.harmful = defender_batches(self, self.harmful_batch_size)
+        self.harmful.fast_forward(self._resume_drawn)
 
     # --- one step ---------------------------------------------------------------------------
-    def _grads(self, loss: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
-        """Backward `loss` and return a copy of the gradients, leaving .grad empty."""
-        for p in params:
-            p.grad = None
-        self.manual_backward(loss)
-        grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
-        for p in params:
-            p.grad = None
-        return grads
-
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        opt = self.optimizers()
         names, params = zip(*trainable(self.model).items())
         params = list(params)
 
         g_loss = self.batch_loss(batch)
-        G = self._grads(g_loss, params)
-        harmful = self.next_harmful_batch()
+        G = self.gradients(g_loss, params)
+        harmful = self.harmful.next(self.device)
         h_loss = self.batch_loss(harmful)
-        H = self._grads(h_loss, params)
+        H = self.gradients(h_loss, params)
 
         with torch.no_grad():
             h_norm = global_norm(H)
@@ -104,17 +89,11 @@ class PanaceaModule(CausalLMModule):
                 p.add_(e)
         h_eps_loss = self.batch_loss(harmful)
         clamped = h_eps_loss if self.harmful_loss_clamp is None else torch.clamp(h_eps_loss, max=self.harmful_loss_clamp)
-        H_eps = self._grads(clamped, params)
+        H_eps = self.gradients(clamped, params)
         with torch.no_grad():
             for p, w in zip(params, backup):
                 p.copy_(w)
-            for p, g, h, he in zip(params, G, H, H_eps):
-                p.grad = g - self.lam * (he - h)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched = self.lr_schedulers()
-        if sched is not None:
-            sched.step()
+        self.optimizer_step_with([g - self.lam * (he - h) for g, h, he in zip(G, H, H_eps)], params)
 
         self.epsilon = {n: e.detach().clone() for n, e in zip(names, eps)}
         bs = batch["input_ids"].size(0)
@@ -122,9 +101,11 @@ class PanaceaModule(CausalLMModule):
                        "train/harmful_loss_perturbed": h_eps_loss.detach(),
                        "train/harmful_grad_norm": h_norm}, prog_bar=True, batch_size=bs)
 
-    # --- ε is state ----------------------------------------------------------------------------
+    # --- ε and the harmful-batch position are state -----------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["panacea_epsilon"] = {k: v.cpu() for k, v in self.epsilon.items()}
+        checkpoint["harmful_batches_drawn"] = self.harmful.drawn if self.harmful else 0
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.epsilon = dict(checkpoint.get("panacea_epsilon", {}))
+        self._resume_drawn = checkpoint.get("harmful_batches_drawn", 0)

@@ -1,5 +1,7 @@
 """Panacea's step pinned against an independent computation on the tiny model."""
 
+from functools import partial
+
 import lightning as L
 import pytest
 import torch
@@ -9,7 +11,8 @@ from callbacks.perturbation import AddGaussianNoise, AddPanaceaEpsilon, layer_no
 from datamodules.formatting import collate
 from datamodules.sft import SFTDataModule
 from lightning_modules.causal_lm import answer_loss
-from lightning_modules.panacea import PanaceaModule, global_norm
+from lightning_modules.gradients import global_norm
+from lightning_modules.panacea import PanaceaModule
 from pipeline.models import add_lora, build_tiny
 
 RHO, LAM, CLAMP = 0.5, 0.5, None
@@ -20,7 +23,8 @@ class Pair:
         self.prompt, self.answer = prompt, answer
 
 
-def setup(tiny_formatter, n_user=4, lr=1.0, clamp=CLAMP, optimizer=torch.optim.SGD):
+def setup(tiny_formatter, n_user=4, lr=1.0, clamp=CLAMP, optimizer=torch.optim.SGD, n_defender=3,
+          harmful_batch_size=3, module_class=PanaceaModule, batch_size=4):
     base, _ = build_tiny(init_seed=1)
     model = add_lora(base, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"], seed=0)
     with torch.no_grad():  # nonzero B so that every LoRA tensor has a gradient
@@ -29,10 +33,10 @@ def setup(tiny_formatter, n_user=4, lr=1.0, clamp=CLAMP, optimizer=torch.optim.S
                 p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
     users = [{"prompt": tiny_formatter.prompt(f"Review {i}: fine."), "answer": "positive", "is_harmful": False}
              for i in range(n_user)]
-    defender = [Pair(f"How do I do harm number {i}?", f"Step one: harm {i}.") for i in range(3)]
-    dm = SFTDataModule(users, tiny_formatter, batch_size=4, seed=0, defender_pairs=defender)
-    module = PanaceaModule(model, optimizer=lambda ps: optimizer(ps, lr=lr), rho=RHO, lam=LAM,
-                           harmful_batch_size=3, harmful_loss_clamp=clamp)
+    defender = [Pair(f"How do I do harm number {i}?", f"Step one: harm {i}.") for i in range(n_defender)]
+    dm = SFTDataModule(users, tiny_formatter, batch_size=batch_size, seed=0, defender_pairs=defender)
+    module = module_class(model, optimizer=partial(optimizer, lr=lr), rho=RHO, lam=LAM,
+                          harmful_batch_size=harmful_batch_size, harmful_loss_clamp=clamp)
     return model, dm, module
 
 
@@ -154,27 +158,87 @@ def test_fp16_is_refused(tiny_formatter):
         module.on_fit_start()
     module._trainer = SimpleNamespace(precision="bf16-mixed", world_size=1)
     module.on_fit_start()
-    module._trainer = SimpleNamespace(precision="32-true", world_size=2)
-    with pytest.raises(InputError, match="one process for now"):
-        module.on_fit_start()
 
 
 def test_resumed_run_applies_the_same_epsilon(tiny_formatter, tmp_path):
-    """Two steps in one go vs one step, a checkpoint, and a resumed second step: same weights, same
-    ε (each batch holds the whole user set and the whole defender set, so batch order is moot)."""
-    optimizer = torch.optim.AdamW
-    model_a, dm_a, module_a = setup(tiny_formatter, lr=1e-2, optimizer=optimizer)
-    fit(module_a, dm_a, steps=2)
+    """Three steps in one go vs one step, a checkpoint, and two resumed steps: same weights, same
+    ε. Each user batch is the whole user set; the defender's batches (2 of 5 pairs) differ from
+    step to step and wrap around, so the resumed run must pick up the harmful batches where it was."""
+    kwargs = dict(lr=1e-2, optimizer=torch.optim.AdamW, n_defender=5, harmful_batch_size=2)
+    model_a, dm_a, module_a = setup(tiny_formatter, **kwargs)
+    fit(module_a, dm_a, steps=3)
 
-    model_b, dm_b, module_b = setup(tiny_formatter, lr=1e-2, optimizer=optimizer)
+    model_b, dm_b, module_b = setup(tiny_formatter, **kwargs)
     trainer = fit(module_b, dm_b, steps=1)
     trainer.save_checkpoint(tmp_path / "step1.ckpt")
-    model_c, dm_c, module_c = setup(tiny_formatter, lr=1e-2, optimizer=optimizer)
-    resumed = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+    model_c, dm_c, module_c = setup(tiny_formatter, **kwargs)
+    resumed = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     resumed.fit(module_c, datamodule=dm_c, ckpt_path=tmp_path / "step1.ckpt")
-    assert resumed.global_step == 2
+    assert resumed.global_step == 3 and module_c.harmful.drawn == 3
     for name, eps in module_a.epsilon.items():
         torch.testing.assert_close(module_c.epsilon[name], eps, rtol=1e-4, atol=1e-6)
     for (name, a), (_, c) in zip(model_a.named_parameters(), model_c.named_parameters()):
         torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-6, msg=name)
+
+
+class RecordRank(L.Callback):
+    """Saves, per rank, the sample indices of every batch (user and defender) and the module's
+    state after training, for comparison across ranks and against one process."""
+
+    def __init__(self, out_dir, attrs=("epsilon",)):
+        self.out_dir, self.attrs = out_dir, attrs
+        self.user, self.harmful = [], []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.user.append(batch["index"].tolist())
+        if not getattr(module.harmful, "recorded", False):
+            draw = module.harmful.next
+
+            def recorded_draw(device):
+                drawn = draw(device)
+                self.harmful.append(drawn["index"].tolist())
+                return drawn
+            module.harmful.next, module.harmful.recorded = recorded_draw, True
+
+    def on_train_end(self, trainer, module):
+        state = {a: getattr(module, a) for a in self.attrs}
+        params = {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
+        torch.save({"user": self.user, "harmful": self.harmful, "params": params, **state},
+                   self.out_dir / f"rank{trainer.global_rank}.pt")
+
+
+def test_ddp_two_processes_give_the_single_process_step_and_epsilon(tiny_formatter, tmp_path):
+    """2 CPU processes (gloo, ddp_spawn), each with half of a global batch of 4 user and 4 defender
+    samples whose answers differ in length: ε is identical on both ranks, and ε and the update
+    equal one process's on the whole global batch (the mean over all its answer tokens)."""
+    model, dm, module = setup(tiny_formatter, n_defender=4, harmful_batch_size=2, batch_size=2)
+    dm.samples = [{**s, "answer": "positive" + " really" * i} for i, s in enumerate(dm.samples)]
+    dm.defender_pairs = [Pair(p.prompt, p.answer + " more" * (3 * i)) for i, p in enumerate(dm.defender_pairs)]
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[RecordRank(tmp_path)])
+    trainer.fit(module, datamodule=dm)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+    for name in ranks[0]["epsilon"]:
+        assert torch.equal(ranks[0]["epsilon"][name], ranks[1]["epsilon"][name]), name
+        assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), name
+    user = ranks[0]["user"][0] + ranks[1]["user"][0]
+    harmful = ranks[0]["harmful"][0] + ranks[1]["harmful"][0]
+    assert sorted(user) == [0, 1, 2, 3] and sorted(harmful) == [0, 1, 2, 3]  # disjoint shards
+
+    dm.refusal_view = False
+    user_batch = dm._collate([dm.encoded()[i] for i in user])
+    harmful_batch = collate([tiny_formatter.encode(tiny_formatter.prompt(dm.defender_pairs[i].prompt),
+                                                   dm.defender_pairs[i].answer) for i in harmful],
+                            pad_id=tiny_formatter.tokenizer.pad_token_id)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(before[n])
+    expected_grad, expected_eps = independent_update(model, user_batch, harmful_batch, CLAMP)
+    for name, eps in expected_eps.items():
+        torch.testing.assert_close(ranks[0]["epsilon"][name], eps, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(before[name] - ranks[0]["params"][name], expected_grad[name], rtol=1e-4, atol=1e-6)
