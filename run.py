@@ -42,14 +42,22 @@ def stage_align(exp: Experiment, results: dict) -> None:
         log.info("reused aligned model from %s", entry)
     else:
         samples = alignment_samples(exp.splits, exp.formatter, exp.retain_samples())
-        exp.fit("align", exp.module(exp.cfg.align), exp.datamodule(samples, exp.cfg.align), exp.cfg.align)
-        entry = exp.cache.store("align", key, lambda d: save_adapter(exp.model, d / ADAPTER),
+        module = exp.module(exp.cfg.align)
+        exp.fit("align", module, exp.datamodule(samples, exp.cfg.align), exp.cfg.align)
+
+        def write(folder: Path) -> None:
+            save_adapter(exp.model, folder / ADAPTER)
+            write_diagnostics(module, folder / "diagnostics")
+        entry = exp.cache.store("align", key, write,
                                 meta={"n_align": len(exp.splits.align_prompts), "model": exp.cfg.model.name,
                                       "n_retain": exp.cfg.data.n_retain, "config": plain(exp.cfg.align),
                                       "seconds": exp.timings["align"]})
         log.info("aligned model written to %s", entry)
     load_adapter(exp.model, entry / ADAPTER)
     results.update(aligned_adapter=str(entry / ADAPTER), aligned_reused="align" not in exp.timings)
+    if (entry / "diagnostics").is_dir():  # a cached alignment's diagnostics travel with it
+        shutil.copytree(entry / "diagnostics", exp.run_dir / "align_diagnostics", dirs_exist_ok=True)
+        results["align_diagnostics"] = json.loads((entry / "diagnostics" / "summary.json").read_text())
     if exp.cfg.eval.evaluate_aligned and "eval" in exp.cfg.stages:
         results.update({f"aligned_{k}": v for k, v in evaluate_aligned(exp).items()})
 
@@ -75,6 +83,18 @@ def stage_finetune(exp: Experiment, results: dict) -> None:
     exp.finetune_module = exp.module(cfg.finetune)
     exp.fit("finetune", exp.finetune_module, exp.datamodule(samples, cfg.finetune), cfg.finetune)
     save_adapter(exp.model, exp.run_dir / "adapters" / "finetuned.safetensors")
+    summary = write_diagnostics(exp.finetune_module, exp.run_dir / "finetune_diagnostics")
+    if summary is not None:
+        results["finetune_diagnostics"] = summary
+
+
+def write_diagnostics(module, folder: Path) -> dict | None:
+    """A defense module's diagnostics (CSV/PNG, see its `write_diagnostics`) and their summary."""
+    if not hasattr(module, "write_diagnostics"):
+        return None
+    summary = module.write_diagnostics(folder)
+    atomic_write_text(folder / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
 def stage_post(exp: Experiment, results: dict) -> None:

@@ -6,13 +6,13 @@ Experiment after fine-tuning; it changes the adapter in place.
 
 from __future__ import annotations
 
-import csv
 import re
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
+from pipeline.figures import new_figure, save_figure, write_csv
 from pipeline.models import trainable
 from pipeline.validation import InputError
 
@@ -30,7 +30,7 @@ class AddPanaceaEpsilon:
         with torch.no_grad():
             for name, e in epsilon.items():
                 params[name].add_(e.to(params[name].device, params[name].dtype))
-        write_layer_norms(epsilon, exp.run_dir, name="epsilon")
+        write_layer_norms(epsilon, exp.run_dir, name="epsilon", logger=exp.finetune_module.logger)
 
 
 class AddGaussianNoise:
@@ -65,21 +65,14 @@ def layer_norms(tensors: dict[str, torch.Tensor]) -> list[dict]:
             for (layer, module), value in sorted(squares.items())]
 
 
-def write_layer_norms(tensors: dict[str, torch.Tensor], run_dir: Path, name: str) -> list[dict]:
-    """`<name>_layer_norms.csv` and `.png` (a bar per layer, stacked by module type)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def write_layer_norms(tensors: dict[str, torch.Tensor], run_dir: Path, name: str, logger=None) -> list[dict]:
+    """`<name>_layer_norms.csv` and `.png` (a bar per layer, stacked by module type); the figure
+    and the per-layer norms are also logged to `logger` when one is given."""
     rows = layer_norms(tensors)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / f"{name}_layer_norms.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["layer", "module", "norm"])
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(run_dir / f"{name}_layer_norms.csv", rows)
     layers = sorted({r["layer"] for r in rows})
-    fig, ax = plt.subplots(figsize=(max(6, len(layers) * 0.3), 3.5))
+    fig, axes = new_figure(width=max(6, len(layers) * 0.3))
+    ax = axes[0][0]
     bottom = [0.0] * len(layers)
     for module in sorted({r["module"] for r in rows}):
         values = [next((r["norm"] for r in rows if r["layer"] == layer and r["module"] == module), 0.0)
@@ -90,7 +83,8 @@ def write_layer_norms(tensors: dict[str, torch.Tensor], run_dir: Path, name: str
     ax.set_ylabel(f"‖{name}‖ (L2, per module)")
     ax.set_title(f"Layer-wise norm of {name}")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(run_dir / f"{name}_layer_norms.png", dpi=120)
-    plt.close(fig)
+    if logger:
+        logger.log_metrics({f"{name}_norm/layer{r['layer']}_{r['module']}": r["norm"] for r in rows})
+        logger.save()
+    save_figure(fig, run_dir / f"{name}_layer_norms.png", logger)
     return rows

@@ -31,7 +31,7 @@ class CyclingBatches:
             self._restart()
             batch = next(self._iterator)
         self.drawn += 1
-        return _to_device(batch, device)
+        return to_device(batch, device)
 
     def fast_forward(self, drawn: int) -> None:
         """Skip to where a run that had drawn `drawn` batches was (the shuffles replay exactly:
@@ -40,9 +40,10 @@ class CyclingBatches:
             self.next()
 
 
-def _to_device(batch, device):
+def to_device(batch, device):
+    """Tensors of a (nested) batch dict moved to `device`; other values unchanged."""
     if torch.is_tensor(batch):
         return batch.to(device)
     if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
+        return {k: to_device(v, device) for k, v in batch.items()}
     return batch

@@ -49,6 +49,10 @@ class SFTDataModule(L.LightningDataModule):
                     item["refusal"] = self.formatter.encode(s["prompt"], refusal_for(i))
         return self._encoded
 
+    def enable_refusal_view(self) -> None:
+        self.refusal_view = True
+        self._encoded = None
+
     def _collate(self, features: list[dict]) -> dict:
         pad_id = self.formatter.tokenizer.pad_token_id
         batch = collate([{k: v for k, v in f.items() if k != "refusal"} for f in features], pad_id)
@@ -65,6 +69,10 @@ class SFTDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.encoded(), self.batch_size, self.seed)
+
+    def scoring_dataloader(self, batch_size: int) -> DataLoader:
+        """The user's set in order, unshuffled and unsharded: for per-sample diagnostics."""
+        return DataLoader(self.encoded(), batch_size=batch_size, shuffle=False, collate_fn=self._collate)
 
     def defender_harmful_dataloader(self, batch_size: int | None = None, num_replicas: int = 1,
                                     rank: int = 0) -> DataLoader:

@@ -12,8 +12,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from datamodules.cycling import CyclingBatches
 from datamodules.formatting import IGNORE_INDEX
 from pipeline.models import trainable
+from pipeline.validation import InputError
 
 
 def answer_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,6 +82,22 @@ class CausalLMModule(L.LightningModule):
         for p in params:
             p.grad = None
         return grads
+
+    def refuse_fp16(self, defense: str) -> None:
+        precision = str(self.trainer.precision)
+        if precision.startswith("16"):
+            raise InputError(
+                f"defense={defense} refuses precision={precision}: fp16 with a grad scaler scales the "
+                "gradients its perturbation is built from; use model.precision=bf16-mixed or 32-true")
+
+    def defender_batches(self, batch_size: int) -> CyclingBatches:
+        """The datamodule's defender-held harmful pairs (each with a refusal view), cycled;
+        under DDP each process draws its own shard of `batch_size`."""
+        loader = self.trainer.datamodule.defender_harmful_dataloader(
+            batch_size, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank)
+        if len(loader.dataset) == 0:
+            raise InputError(f"{type(self).__name__} needs defender-held harmful samples: set data.n_defender >= 1")
+        return CyclingBatches(loader)
 
     def optimizer_step_with(self, grads: list[torch.Tensor], params: list[torch.nn.Parameter]) -> None:
         """Set `grads` as the gradient and take ONE optimizer (and scheduler) step."""

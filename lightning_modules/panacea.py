@@ -22,25 +22,6 @@ from datamodules.cycling import CyclingBatches
 from lightning_modules.causal_lm import CausalLMModule
 from lightning_modules.gradients import global_norm
 from pipeline.models import trainable
-from pipeline.validation import InputError
-
-
-def refuse_fp16(trainer, defense: str) -> None:
-    precision = str(trainer.precision)
-    if precision.startswith("16"):
-        raise InputError(
-            f"defense={defense} refuses precision={precision}: fp16 with a grad scaler scales the "
-            "gradients its perturbation is built from; use model.precision=bf16-mixed or 32-true")
-
-
-def defender_batches(module, batch_size: int) -> CyclingBatches:
-    """The datamodule's defender-held harmful pairs, cycled; one shard per process under DDP."""
-    trainer = module.trainer
-    loader = trainer.datamodule.defender_harmful_dataloader(
-        batch_size, num_replicas=trainer.world_size, rank=trainer.global_rank)
-    if len(loader.dataset) == 0:
-        raise InputError(f"{type(module).__name__} needs defender-held harmful samples: set data.n_defender >= 1")
-    return CyclingBatches(loader)
 
 
 class PanaceaModule(CausalLMModule):
@@ -63,10 +44,10 @@ class PanaceaModule(CausalLMModule):
         self._resume_drawn = 0
 
     def on_fit_start(self) -> None:
-        refuse_fp16(self.trainer, "panacea")
+        self.refuse_fp16("panacea")
 
     def on_train_start(self) -> None:
-        self.harmful = defender_batches(self, self.harmful_batch_size)
+        self.harmful = self.defender_batches(self.harmful_batch_size)
         self.harmful.fast_forward(self._resume_drawn)
 
     # --- one step ---------------------------------------------------------------------------

@@ -1,0 +1,287 @@
+"""Antibody (arXiv 2603.00498): flatness-regularized alignment, and fine-tuning that weights
+each sample so that harmful ones contribute little gradient (METHODS.md, "Antibody").
+
+Alignment, one optimizer step per batch (B_s: the alignment batch; B_h: a defender-held harmful
+batch whose prompts are also paired with a generic refusal):
+  Hh = ∇L_harm(θ) on B_h;  θ' = θ − α·Hh/(‖Hh‖ + 1e-7)  (in place, restored bit-exactly);
+  Hp = ∇L_harm(θ');  R = ∇L_refusal(θ');  A = ∇L_align(θ) on B_s;  S = Hh − Hp;
+  λ_raw = max(η − cos(A, S), 0)  [or Theorem 4.1: max(0, (η − ⟨A,S⟩)/‖S‖²)];
+  λ_t = m·λ_{t−1} + (1−m)·λ_raw (λ_0 = λ_raw);  grad = A + λ_t·S + λ2·R.
+Four forward-backward passes per step (the reference takes five and a copy of the model).
+
+Fine-tuning: r_i = meanNLL(refusal | x_i) − meanNLL(y_i | x_i) under no_grad with the current
+model, w = softmax(r/τ) over the batch on each process (the reference's per-device semantics),
+loss = Σ_i w_i Σ_t CE_it / Σ_i w_i N_i. The NLL of y_i is read (detached) from the forward pass
+that also gives the gradient, the same number as a separate no_grad pass, one pass cheaper.
+`is_harmful` is read for logging and diagnostics only, never for the weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torchmetrics.functional.classification import binary_auroc
+
+from datamodules.cycling import CyclingBatches, to_device
+from lightning_modules.causal_lm import CausalLMModule, answer_token_nll
+from lightning_modules.gradients import cosine, global_dot, global_norm
+from pipeline.figures import new_figure, save_figure, write_csv
+from pipeline.models import trainable
+from pipeline.validation import InputError
+
+LAMBDA_RULES = ("cosine", "theorem")
+
+
+def cosine_lambda(A: list[torch.Tensor], S: list[torch.Tensor], eta: float) -> torch.Tensor:
+    """The reference's rule: max(η − cos(A, S), 0)."""
+    return torch.clamp(eta - cosine(A, S), min=0.0)
+
+
+def theorem_lambda(A: list[torch.Tensor], S: list[torch.Tensor], a: float) -> torch.Tensor:
+    """The paper's Theorem 4.1 rule: max(0, (a − ⟨A, S⟩) / ‖S‖²)."""
+    return torch.clamp((a - global_dot(A, S)) / (global_norm(S) ** 2 + 1e-12), min=0.0)
+
+
+class AntibodyAlignModule(CausalLMModule):
+    """alpha: step size α of the simulated harmful step (reference 0.1).
+    eta: η of the λ rule (reference 5.0; the constant a when lambda_rule=theorem).
+    ema_momentum: m of λ_t's moving average (reference 0.99).
+    lambda2: weight λ2 of the refusal gradient R at θ' (reference 0.05).
+    lambda_rule: cosine (the reference's code) | theorem (the paper's Theorem 4.1).
+    harmful_batch_size: defender's harmful samples per step and process (reference: = batch size)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: Callable, scheduler: Callable | None = None,
+                 alpha: float = 0.1, eta: float = 5.0, ema_momentum: float = 0.99, lambda2: float = 0.05,
+                 lambda_rule: str = "cosine", harmful_batch_size: int = 16):
+        super().__init__(model, optimizer, scheduler)
+        if lambda_rule not in LAMBDA_RULES:
+            raise InputError(f"antibody lambda_rule={lambda_rule!r} is not one of {LAMBDA_RULES}")
+        if not 0.0 <= ema_momentum < 1.0:
+            raise InputError(f"antibody ema_momentum={ema_momentum} must be in [0, 1)")
+        self.automatic_optimization = False
+        self.alpha, self.eta, self.ema_momentum, self.lambda2 = alpha, eta, ema_momentum, lambda2
+        self.lambda_rule = lambda_rule
+        self.harmful_batch_size = harmful_batch_size
+        self.lambda_t: torch.Tensor | None = None
+        self.history: list[dict] = []
+        self.harmful: CyclingBatches | None = None
+        self._resume_drawn = 0
+
+    def on_fit_start(self) -> None:
+        self.refuse_fp16("antibody")
+
+    def on_train_start(self) -> None:
+        self.harmful = self.defender_batches(self.harmful_batch_size)
+        self.harmful.fast_forward(self._resume_drawn)
+
+    def raw_lambda(self, A: list[torch.Tensor], S: list[torch.Tensor]) -> torch.Tensor:
+        rule = cosine_lambda if self.lambda_rule == "cosine" else theorem_lambda
+        return rule(A, S, self.eta)
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        params = list(trainable(self.model).values())
+        harmful = self.harmful.next(self.device)
+
+        h_loss = self.batch_loss(harmful)
+        Hh = self.gradients(h_loss, params)
+        with torch.no_grad():
+            h_norm = global_norm(Hh)
+            backup = [p.detach().clone() for p in params]
+            for p, h in zip(params, Hh):
+                p.sub_(self.alpha * h / (h_norm + 1e-7))
+        hp_loss = self.batch_loss(harmful)
+        Hp = self.gradients(hp_loss, params)
+        r_loss = self.batch_loss(harmful["refusal"])
+        R = self.gradients(r_loss, params)
+        with torch.no_grad():
+            for p, w in zip(params, backup):
+                p.copy_(w)
+        a_loss = self.batch_loss(batch)
+        A = self.gradients(a_loss, params)
+
+        with torch.no_grad():
+            S = [h - hp for h, hp in zip(Hh, Hp)]
+            lambda_raw = self.raw_lambda(A, S)
+            m = self.ema_momentum
+            self.lambda_t = lambda_raw if self.lambda_t is None else m * self.lambda_t + (1 - m) * lambda_raw
+            grads = [a + self.lambda_t * s + self.lambda2 * r for a, s, r in zip(A, S, R)]
+            record = {"step": self.global_step, "lambda_raw": lambda_raw.item(), "lambda_t": self.lambda_t.item(),
+                      "cos_A_S": cosine(A, S).item(), "harmful_grad_norm": h_norm.item(),
+                      "align_loss": a_loss.item(), "harmful_loss": h_loss.item(),
+                      "harmful_loss_after_attack": hp_loss.item(), "refusal_loss_after_attack": r_loss.item()}
+        self.optimizer_step_with(grads, params)
+        self.history.append(record)
+        self.log_dict({f"train/{k}": v for k, v in record.items() if k != "step"},
+                      prog_bar=False, batch_size=batch["input_ids"].size(0))
+        self.log("train/loss", a_loss.detach(), prog_bar=True, batch_size=batch["input_ids"].size(0))
+
+    # --- state and diagnostics -------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["antibody_lambda_t"] = None if self.lambda_t is None else self.lambda_t.cpu()
+        checkpoint["antibody_history"] = self.history
+        checkpoint["harmful_batches_drawn"] = self.harmful.drawn if self.harmful else 0
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.lambda_t = checkpoint.get("antibody_lambda_t")
+        self.history = list(checkpoint.get("antibody_history", []))
+        self._resume_drawn = checkpoint.get("harmful_batches_drawn", 0)
+
+    def write_diagnostics(self, folder: Path) -> dict:
+        """antibody_lambda.csv / .png: λ_raw and λ_t over alignment steps (paper's λ_t plot)."""
+        write_csv(folder / "antibody_lambda.csv", self.history)
+        fig, axes = new_figure(ncols=2, width=10)
+        steps = [h["step"] for h in self.history]
+        axes[0][0].plot(steps, [h["lambda_raw"] for h in self.history], lw=0.8, alpha=0.6, label="λ raw")
+        axes[0][0].plot(steps, [h["lambda_t"] for h in self.history], lw=1.5, label="λ_t (EMA)")
+        axes[0][0].set(xlabel="alignment step", ylabel="λ", title=f"λ over alignment ({self.lambda_rule} rule)")
+        axes[0][0].legend()
+        for key in ("harmful_loss", "harmful_loss_after_attack", "align_loss"):
+            axes[0][1].plot(steps, [h[key] for h in self.history], lw=1, label=key)
+        axes[0][1].set(xlabel="alignment step", ylabel="loss", title="harmful loss before/after the simulated attack")
+        axes[0][1].legend(fontsize=7)
+        save_figure(fig, folder / "antibody_lambda.png", self.logger)
+        last = self.history[-1] if self.history else {}
+        return {"steps": len(self.history), "final_lambda_t": last.get("lambda_t"),
+                "mean_cos_A_S": sum(h["cos_A_S"] for h in self.history) / max(len(self.history), 1)}
+
+
+# --- the weighted fine-tuning stage ----------------------------------------------------------------
+def mean_answer_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean NLL over answer tokens [B] (0 for a sample without answer tokens)."""
+    nll_sum, count = answer_token_nll(logits, labels)
+    return nll_sum / count.clamp(min=1)
+
+
+def sample_weights(scores: torch.Tensor, tau: float) -> torch.Tensor:
+    """w = softmax(r / τ) over the batch, detached: weights carry no gradient."""
+    return torch.softmax(scores.detach().float() / tau, dim=0)
+
+
+def weighted_answer_loss(nll_sum: torch.Tensor, count: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_i w_i Σ_t CE_it / Σ_i w_i N_i; with equal weights, the plain mean over answer tokens."""
+    return (weights * nll_sum).sum() / (weights * count.float()).sum().clamp(min=1e-12)
+
+
+class WeightedSFTModule(CausalLMModule):
+    """tau: temperature τ of the softmax over the per-sample scores r (reference 1.0).
+    score_batch_size: batch size of the no_grad scoring of the whole user set before and after
+    fine-tuning (diagnostics only)."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: Callable, scheduler: Callable | None = None,
+                 tau: float = 1.0, score_batch_size: int = 16):
+        super().__init__(model, optimizer, scheduler)
+        if tau <= 0:
+            raise InputError(f"antibody tau={tau} must be > 0")
+        self.tau = tau
+        self.score_batch_size = score_batch_size
+        self.step_records: list[dict] = []
+        self.scores_before: list[dict] = []
+        self.scores_after: list[dict] = []
+
+    def setup(self, stage: str) -> None:
+        self.trainer.datamodule.enable_refusal_view()
+
+    def refusal_nll(self, batch: dict) -> torch.Tensor:
+        with torch.no_grad():
+            refusal = batch["refusal"]
+            logits = self.model(input_ids=refusal["input_ids"], attention_mask=refusal["attention_mask"]).logits
+            return mean_answer_nll(logits, refusal["labels"])
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        refusal_nll = self.refusal_nll(batch)
+        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        nll_sum, count = answer_token_nll(logits, batch["labels"])
+        scores = refusal_nll - (nll_sum / count.clamp(min=1)).detach()
+        weights = sample_weights(scores, self.tau)
+        loss = weighted_answer_loss(nll_sum, count, weights)
+
+        harmful = batch["is_harmful"].bool()
+        for i in range(len(weights)):
+            self.step_records.append({"step": self.global_step, "index": int(batch["index"][i]),
+                                      "is_harmful": bool(harmful[i]), "score": scores[i].item(),
+                                      "weight": weights[i].item(), "batch_size": len(weights)})
+        bs = len(weights)
+        metrics = {"train/unweighted_loss": (nll_sum.sum() / count.sum().clamp(min=1)).detach()}
+        if harmful.any():  # weight relative to uniform (1 = the weight plain SFT gives)
+            metrics["train/harmful_relative_weight"] = weights[harmful].mean() * bs
+        if (~harmful).any():
+            metrics["train/benign_relative_weight"] = weights[~harmful].mean() * bs
+        self.log_dict(metrics, batch_size=bs)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        return loss
+
+    # --- diagnostics: r over the whole user set before and after fine-tuning ---------------------
+    def score_user_set(self) -> list[dict]:
+        was_training = self.model.training
+        self.model.eval()
+        rows = []
+        with torch.no_grad():
+            for batch in self.trainer.datamodule.scoring_dataloader(self.score_batch_size):
+                batch = to_device(batch, self.device)
+                answer = mean_answer_nll(self.model(input_ids=batch["input_ids"],
+                                                    attention_mask=batch["attention_mask"]).logits, batch["labels"])
+                scores = self.refusal_nll(batch) - answer
+                rows += [{"index": int(i), "is_harmful": bool(h), "score": s.item()}
+                         for i, h, s in zip(batch["index"], batch["is_harmful"], scores)]
+        self.model.train(was_training)
+        return rows
+
+    def on_train_start(self) -> None:
+        self.scores_before = self.score_user_set()
+
+    def on_train_end(self) -> None:
+        self.scores_after = self.score_user_set()
+
+    def write_diagnostics(self, folder: Path) -> dict:
+        """antibody_scores.csv/.png: r of benign vs harmful samples before and after fine-tuning;
+        antibody_weights.csv/.png: the weight each sample got at each step."""
+        rows = [{"phase": "before", **r} for r in self.scores_before] + \
+               [{"phase": "after", **r} for r in self.scores_after]
+        write_csv(folder / "antibody_scores.csv", rows)
+        write_csv(folder / "antibody_weights.csv", self.step_records)
+        summary = {}
+        fig, axes = new_figure(ncols=2, width=10)
+        for ax, phase in zip(axes[0], ("before", "after")):
+            scored = [r for r in rows if r["phase"] == phase]
+            benign = [r["score"] for r in scored if not r["is_harmful"]]
+            harmful = [r["score"] for r in scored if r["is_harmful"]]
+            ax.hist(benign, bins=30, alpha=0.6, label=f"benign (n={len(benign)})")
+            ax.hist(harmful, bins=30, alpha=0.6, label=f"harmful (n={len(harmful)})")
+            auroc = separation(benign, harmful)
+            summary[f"score_auroc_{phase}"] = auroc
+            title = f"r {phase} fine-tuning" + (f" (AUROC benign>harmful {auroc:.2f})" if auroc is not None else "")
+            ax.set(xlabel="r = meanNLL(refusal) − meanNLL(answer)", ylabel="samples", title=title)
+            ax.legend(fontsize=7)
+        save_figure(fig, folder / "antibody_scores.png", self.logger)
+
+        steps = sorted({r["step"] for r in self.step_records})
+        relative = {False: [], True: []}
+        for step in steps:
+            in_step = [r for r in self.step_records if r["step"] == step]
+            for kind in (False, True):
+                ws = [r["weight"] * r["batch_size"] for r in in_step if r["is_harmful"] == kind]
+                relative[kind].append(sum(ws) / len(ws) if ws else float("nan"))
+        fig, axes = new_figure()
+        axes[0][0].plot(steps, relative[False], label="benign")
+        axes[0][0].plot(steps, relative[True], label="harmful")
+        axes[0][0].axhline(1.0, color="grey", lw=0.8, ls="--", label="uniform (plain SFT)")
+        axes[0][0].set(xlabel="fine-tuning step", ylabel="mean weight × batch size",
+                       title="weights of harmful vs benign samples")
+        axes[0][0].legend(fontsize=7)
+        save_figure(fig, folder / "antibody_weights.png", self.logger)
+        harmful_ws = [r["weight"] * r["batch_size"] for r in self.step_records if r["is_harmful"]]
+        benign_ws = [r["weight"] * r["batch_size"] for r in self.step_records if not r["is_harmful"]]
+        summary["harmful_mean_relative_weight"] = sum(harmful_ws) / len(harmful_ws) if harmful_ws else None
+        summary["benign_mean_relative_weight"] = sum(benign_ws) / len(benign_ws) if benign_ws else None
+        return summary
+
+
+def separation(benign: list[float], harmful: list[float]) -> float | None:
+    """AUROC of "benign scores higher than harmful" (1: perfectly separated as the paper expects)."""
+    if not benign or not harmful:
+        return None
+    scores = torch.tensor(benign + harmful)
+    target = torch.tensor([1] * len(benign) + [0] * len(harmful))
+    return binary_auroc(scores, target).item()
