@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import lightning as L
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -49,3 +51,29 @@ def offline_splits():
         [{"path": "pkg:pyrit/datasets/seed_datasets/local/adv_bench.prompt", "format": "seed_yaml"}],
         n_defender=100, n_align=200, n_eval=40, split_seed=0,
     )
+
+
+class RecordRank(L.Callback):
+    """Saves, per rank, the sample indices of every batch (user and defender) and the module's
+    state after training, for comparison across ranks and against one process."""
+
+    def __init__(self, out_dir, attrs=("epsilon",)):
+        self.out_dir, self.attrs = out_dir, attrs
+        self.user, self.harmful = [], []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.user.append(batch["index"].tolist())
+        if not getattr(module.harmful, "recorded", False):
+            draw = module.harmful.next
+
+            def recorded_draw(device):
+                drawn = draw(device)
+                self.harmful.append(drawn["index"].tolist())
+                return drawn
+            module.harmful.next, module.harmful.recorded = recorded_draw, True
+
+    def on_train_end(self, trainer, module):
+        state = {a: getattr(module, a) for a in self.attrs}
+        params = {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
+        torch.save({"user": self.user, "harmful": self.harmful, "params": params, **state},
+                   self.out_dir / f"rank{trainer.global_rank}.pt")

@@ -13,6 +13,7 @@ from datamodules.sft import SFTDataModule
 from lightning_modules.causal_lm import answer_loss
 from lightning_modules.gradients import global_norm
 from lightning_modules.panacea import PanaceaModule
+from conftest import RecordRank
 from pipeline.models import add_lora, build_tiny
 
 RHO, LAM, CLAMP = 0.5, 0.5, None
@@ -180,32 +181,6 @@ def test_resumed_run_applies_the_same_epsilon(tiny_formatter, tmp_path):
         torch.testing.assert_close(module_c.epsilon[name], eps, rtol=1e-4, atol=1e-6)
     for (name, a), (_, c) in zip(model_a.named_parameters(), model_c.named_parameters()):
         torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-6, msg=name)
-
-
-class RecordRank(L.Callback):
-    """Saves, per rank, the sample indices of every batch (user and defender) and the module's
-    state after training, for comparison across ranks and against one process."""
-
-    def __init__(self, out_dir, attrs=("epsilon",)):
-        self.out_dir, self.attrs = out_dir, attrs
-        self.user, self.harmful = [], []
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        self.user.append(batch["index"].tolist())
-        if not getattr(module.harmful, "recorded", False):
-            draw = module.harmful.next
-
-            def recorded_draw(device):
-                drawn = draw(device)
-                self.harmful.append(drawn["index"].tolist())
-                return drawn
-            module.harmful.next, module.harmful.recorded = recorded_draw, True
-
-    def on_train_end(self, trainer, module):
-        state = {a: getattr(module, a) for a in self.attrs}
-        params = {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
-        torch.save({"user": self.user, "harmful": self.harmful, "params": params, **state},
-                   self.out_dir / f"rank{trainer.global_rank}.pt")
 
 
 def test_ddp_two_processes_give_the_single_process_step_and_epsilon(tiny_formatter, tmp_path):

@@ -153,3 +153,25 @@ def test_post_fine_tuning_defenses_report_before_and_after(tiny_cfg, tmp_path, d
     assert (tmp_path / "run" / "generations_before_post.jsonl").is_file()
     assert (tmp_path / "run" / "epsilon_layer_norms.png").is_file() == (defense == "panacea")
     assert "post" in results["seconds"]
+
+
+def test_antibody_and_its_ablations_share_alignments_and_write_diagnostics(tiny_cfg, tmp_path):
+    """defense=antibody aligns with Antibody (cached, diagnostics stored with the adapter) and
+    fine-tunes with weighting; antibody_align reuses that alignment; antibody_weighting reuses
+    plain SFT's alignment (the one defense=sft makes)."""
+    full = run_module.run(tiny_cfg("defense=antibody", "harmful_ratio=0.2"), tmp_path / "full")
+    assert not full["aligned_reused"]
+    assert full["align_diagnostics"]["steps"] == 3 and 0 <= full["finetune_diagnostics"]["score_auroc_after"] <= 1
+    for name in ("align_diagnostics/antibody_lambda.png", "finetune_diagnostics/antibody_scores.png",
+                 "finetune_diagnostics/antibody_weights.csv", "finetune_diagnostics/summary.json"):
+        assert (tmp_path / "full" / name).stat().st_size > 0, name
+
+    align_only = run_module.run(tiny_cfg("defense=antibody_align", "harmful_ratio=0.2"), tmp_path / "align_only")
+    assert align_only["aligned_reused"] and align_only["aligned_adapter"] == full["aligned_adapter"]
+    assert (tmp_path / "align_only" / "align_diagnostics" / "antibody_lambda.csv").is_file()
+    assert "finetune_diagnostics" not in align_only
+
+    sft = run_module.run(tiny_cfg("defense=sft", "harmful_ratio=0.2"), tmp_path / "sft")
+    weighting = run_module.run(tiny_cfg("defense=antibody_weighting", "harmful_ratio=0.2"), tmp_path / "weighting")
+    assert weighting["aligned_reused"] and weighting["aligned_adapter"] == sft["aligned_adapter"] != full["aligned_adapter"]
+    assert "align_diagnostics" not in weighting and "finetune_diagnostics" in weighting
