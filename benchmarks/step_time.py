@@ -21,12 +21,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-DEFENSES = {
+DEFENSES = {  # harmful_batch_size None = the user batch size
     "sft": ("lightning_modules.causal_lm", "CausalLMModule", {}),
     "panacea": ("lightning_modules.panacea", "PanaceaModule", {"harmful_batch_size": None}),
+    "antibody_align": ("lightning_modules.antibody", "AntibodyAlignModule", {"harmful_batch_size": None}),
+    "antibody_weighting": ("lightning_modules.antibody", "WeightedSFTModule", {}),
 }
-# forward-backward passes per step: the physical floor of the ratio
-PASSES = {"sft": 1, "panacea": 3}
+# passes per step, the physical floor of the ratio (a no_grad forward is about 1/3 of a
+# forward-backward), and the step-time target of the issues
+FLOOR = {"sft": "1", "panacea": "3", "antibody_align": "4", "antibody_weighting": "1 + 1 forward"}
+TARGET = {"sft": None, "panacea": 3.2, "antibody_align": 4.3, "antibody_weighting": 1.5}
+MEMORY_TARGET = {"antibody_align": 1.10}  # peak memory within 10% of SFT's: no copy of the model
 
 
 def measure(defense: str, args, queue) -> None:
@@ -48,8 +53,9 @@ def measure(defense: str, args, queue) -> None:
         "pkg:pyrit/datasets/jailbreak/many_shot_examples.json",
         [{"path": "pkg:pyrit/datasets/seed_datasets/local/adv_bench.prompt", "format": "seed_yaml"}],
         n_defender=100, n_align=10, n_eval=10)
+    # only the samples the timed run uses (the weighting module scores its whole set at start/end)
     users = [{"prompt": formatter.prompt(p.prompt), "answer": p.answer, "is_harmful": False}
-             for p in splits.user_pairs]
+             for p in splits.user_pairs][:args.batch_size * (args.warmup + args.steps)]
     dm = SFTDataModule(users, formatter, args.batch_size, seed=0, defender_pairs=splits.defender_pairs)
     module_name, class_name, extra = DEFENSES[defense]
     extra = {k: (args.batch_size if v is None else v) for k, v in extra.items()}
@@ -98,13 +104,21 @@ def main() -> None:
     sft_step = statistics.median(s for s, _ in results["sft"])
     sft_peak = statistics.median(p for _, p in results["sft"])
     print(f"\nmodel={args.model} batch={args.batch_size}x{args.seq_len} steps={args.steps} reps={args.reps}\n")
-    print("| defense | step time (s, median) | ratio vs SFT | floor (passes) | peak RSS (MiB) | ratio vs SFT |")
-    print("|---|---|---|---|---|---|")
+    print("| defense | step time (s, median) | ratio vs SFT | floor (passes) | target | peak RSS (MiB) "
+          "| ratio vs SFT | target |")
+    print("|---|---|---|---|---|---|---|---|")
     for defense, rows in results.items():
         step = statistics.median(s for s, _ in rows)
         peak = statistics.median(p for _, p in rows)
-        print(f"| {defense} | {step:.2f} | {step / sft_step:.2f}x | {PASSES[defense]}x | {peak:.0f} | "
-              f"{peak / sft_peak:.2f}x |")
+        print(f"| {defense} | {step:.2f} | {step / sft_step:.2f}x | {FLOOR[defense]} | "
+              f"{verdict(step / sft_step, TARGET[defense])} | {peak:.0f} | {peak / sft_peak:.2f}x | "
+              f"{verdict(peak / sft_peak, MEMORY_TARGET.get(defense))} |")
+
+
+def verdict(ratio: float, target: float | None) -> str:
+    if target is None:
+        return "-"
+    return f"<= {target}x: {'met' if ratio <= target else 'MISSED'}"
 
 
 if __name__ == "__main__":
