@@ -28,6 +28,7 @@ from pipeline.experiment import Experiment, plain  # noqa: E402
 from pipeline.io import atomic_write_text  # noqa: E402
 from pipeline.models import load_adapter, save_adapter  # noqa: E402
 from pipeline.report import print_summary  # noqa: E402
+from pipeline.sweep import FAILED, RESULTS, clear_failure, finished, point_key, record_failure  # noqa: E402
 from pipeline.validation import InputError, validate_config  # noqa: E402
 
 log = logging.getLogger("run")
@@ -149,22 +150,42 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         STAGE_FUNCTIONS[stage](exp, results)
     results["seconds"] = exp.timings
     results["run_dir"] = str(run_dir)
+    results["point_key"] = point_key(cfg)
     if "eval" in cfg.stages:
-        atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+        atomic_write_text(run_dir / RESULTS, json.dumps(results, indent=2) + "\n")
     return results
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if HydraConfig.get().mode == RunMode.MULTIRUN:
+        return run_grid_point(cfg, run_dir)
     try:
         results = run(cfg, run_dir)
     except InputError as err:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise
         log.error("%s", err)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    print_summary(results)
+    return results.get("harmful_score")
+
+
+def run_grid_point(cfg: DictConfig, run_dir: Path) -> float | None:
+    """One point of a multirun: skipped if it finished before with the same config; a failure is
+    recorded in failed.json and the sweep goes on (pipeline/sweep.py)."""
+    done = finished(run_dir, point_key(cfg))
+    if done is not None:
+        log.info("skipped %s: finished before with the same config", run_dir)
+        return done.get("harmful_score")
+    clear_failure(run_dir)
+    (run_dir / RESULTS).unlink(missing_ok=True)  # a stale result of another config
+    try:
+        results = run(cfg, run_dir)
+    except Exception as err:  # noqa: BLE001 - every failure is recorded, the grid goes on
+        record_failure(run_dir, err)
+        log.error("point failed (recorded in %s): %s", run_dir / FAILED, err)
+        return None
     print_summary(results)
     return results.get("harmful_score")
 

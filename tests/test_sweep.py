@@ -1,0 +1,58 @@
+"""Grids: restartable multiruns, failures recorded, and the table/plots of a sweep."""
+
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, TINY
+from pipeline.sweep_report import report
+
+
+def multirun(tmp_path, *overrides):
+    return subprocess.run(
+        [sys.executable, "run.py", "-m", *TINY, *overrides, f"cache_dir={tmp_path}/cache",
+         f"hydra.sweep.dir={tmp_path}/sweep"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_grid_table_rerun_skips_finished_points_and_reports_failures(tmp_path):
+    first = multirun(tmp_path, "harmful_ratio=0,0.5", "seed=0,1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    results = [json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/results.json")]
+    assert len(results) == 4
+
+    rows = report(tmp_path / "sweep")
+    assert [(r["row"], r["harmful_ratio"], r["seeds_done"]) for r in rows] == [("sft", "0", 2), ("sft", "0.5", 2)]
+    for row in rows:
+        mine = [r for r in results if r["harmful_ratio"] == float(row["harmful_ratio"])]
+        for short, key in (("HS", "harmful_score"), ("FA", "finetune_accuracy")):
+            assert row[f"{short}_mean"] == pytest.approx(statistics.fmean(r[key] for r in mine))
+            assert row[f"{short}_std"] == pytest.approx(statistics.stdev(r[key] for r in mine))
+    table = (tmp_path / "sweep" / "table.md").read_text()
+    assert "| sft |" in table and "p = 0.5" in table
+    for name in ("hs_vs_ratio", "fa_vs_ratio", "hs_fa_tradeoff"):
+        assert (tmp_path / "sweep" / f"{name}.png").stat().st_size > 0
+    assert (tmp_path / "sweep" / "table.csv").read_text().startswith("row,harmful_ratio,seeds_done")
+
+    # the same grid plus an impossible ratio: finished points are skipped, the new ones fail alone
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep").glob("*/results.json")}
+    again = multirun(tmp_path, "harmful_ratio=0,0.5,1.5", "seed=0,1")
+    assert again.returncode == 1  # some point failed: the command says so, after running every point
+    log = again.stdout + again.stderr
+    assert log.count("finished before with the same config") == 4
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    failed = list((tmp_path / "sweep").glob("*/failed.json"))
+    assert len(failed) == 2 and "harmful_ratio" in json.loads(failed[0].read_text())["error"]
+    rows = report(tmp_path / "sweep")
+    bad = [r for r in rows if r["harmful_ratio"] == "1.5"]
+    assert len(bad) == 1 and bad[0]["failed"] == 2 and bad[0]["seeds_done"] == 0
+    table = (tmp_path / "sweep" / "table.md").read_text()
+    assert "FAILED (**2 failed**)" in table and "Failed points:" in table
+
+
+def test_report_names_a_missing_sweep_directory(tmp_path):
+    with pytest.raises(SystemExit, match="no sweep directory"):
+        report(tmp_path / "nope")
