@@ -29,6 +29,7 @@ from pipeline.io import atomic_write_text  # noqa: E402
 from pipeline.models import load_adapter, save_adapter  # noqa: E402
 from pipeline.report import print_summary  # noqa: E402
 from pipeline.sweep import FAILED, RESULTS, clear_failure, finished, point_key, record_failure  # noqa: E402
+from pipeline.tracking import make_tracker  # noqa: E402
 from pipeline.validation import InputError, validate_config  # noqa: E402
 
 log = logging.getLogger("run")
@@ -146,14 +147,29 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "n_retain": cfg.data.n_retain, "n_defender": len(exp.splits.defender_pairs),
         "n_user_harmful_pool": len(exp.splits.user_pairs),
     }
-    for stage in cfg.stages:
-        STAGE_FUNCTIONS[stage](exp, results)
-    results["seconds"] = exp.timings
-    results["run_dir"] = str(run_dir)
-    results["point_key"] = point_key(cfg)
-    if "eval" in cfg.stages:
-        atomic_write_text(run_dir / RESULTS, json.dumps(results, indent=2) + "\n")
+    exp.tracker = make_tracker(cfg)
+    try:
+        for stage in cfg.stages:
+            STAGE_FUNCTIONS[stage](exp, results)
+        results["seconds"] = exp.timings
+        results["run_dir"] = str(run_dir)
+        results["point_key"] = point_key(cfg)
+        if "eval" in cfg.stages:
+            atomic_write_text(run_dir / RESULTS, json.dumps(results, indent=2) + "\n")
+        track_outputs(exp.tracker, results, run_dir)
+    except BaseException:
+        exp.tracker.close(failed=True)
+        raise
+    exp.tracker.close()
     return results
+
+
+def track_outputs(tracker, results: dict, run_dir: Path) -> None:
+    """Results, every generations file (with verdicts) and every figure of the run, to the tracker."""
+    tracker.log_results(results)
+    for path in sorted(run_dir.glob("generations_*.jsonl")):
+        tracker.log_generations(path, tag=path.stem.removeprefix("generations_"))
+    tracker.log_figures(sorted(run_dir.rglob("*.png")))
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -21,6 +21,7 @@ from datamodules.sft import SFTDataModule, check_poison_counts
 from pipeline.cache import StageCache, config_key
 from pipeline.generation import generate_greedy
 from pipeline.models import add_lora
+from pipeline.tracking import Tracker
 
 log = logging.getLogger("run")
 
@@ -51,6 +52,7 @@ class Experiment:
             self.task, self.splits, cfg.finetune.n, cfg.harmful_ratio)
         self.model = self.tokenizer = self.formatter = None
         self.finetune_module = None  # set by the finetune stage; post transforms may read it
+        self.tracker = Tracker()     # run() sets the configured one once the input is checked
 
     def load_model(self) -> None:
         cfg = self.cfg
@@ -114,9 +116,7 @@ class Experiment:
 
     def fit(self, stage: str, module, datamodule, stage_cfg: DictConfig) -> None:
         L.seed_everything(stage_cfg.seed, workers=True, verbose=False)
-        logger = False
-        if self.cfg.get("logger"):
-            logger = instantiate(self.cfg.logger, version=stage)
+        logger = self.tracker.stage_logger(stage)
         trainer = L.Trainer(
             **plain(self.cfg.trainer), max_epochs=stage_cfg.epochs, logger=logger,
             precision=self.cfg.model.precision, default_root_dir=str(self.run_dir / stage),

@@ -1,0 +1,115 @@
+"""Experiment tracking: W&B offline (read back from its run file), TensorBoard and CSV."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import run as run_module
+from conftest import CONF, TINY
+
+
+def tracked_cfg(tmp_path, *overrides):
+    """The tiny config with a logger (TINY itself removes it)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=[o for o in TINY if o != "~logger"]
+                       + [f"cache_dir={tmp_path / 'cache'}", *overrides])
+
+
+def wandb_records(run_file: Path) -> list:
+    """The protobuf records of an offline W&B run file (a LevelDB-style log of 32 KiB blocks
+    after a 7-byte ':W&B' header; chunk header: crc32, length, type full/first/middle/last)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, chunks, pending = 7, [], b""
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        if left < 7 or kind == 0:
+            pos += left
+            continue
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 1:
+            chunks.append(chunk)
+        elif kind == 2:
+            pending = chunk
+        elif kind in (3, 4):
+            pending += chunk
+            if kind == 4:
+                chunks.append(pending)
+    records = []
+    for chunk in chunks:
+        record = pb.Record()
+        record.ParseFromString(chunk)
+        records.append(record)
+    return records
+
+
+def items(record_items) -> dict:
+    return {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record_items}
+
+
+def read_offline_run(run_dir: Path) -> dict:
+    (run_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    out = {"history": {}, "summary": {}, "config": {}, "files": run_file.parent / "files"}
+    for r in wandb_records(run_file):
+        kind = r.WhichOneof("record_type")
+        if kind == "run":
+            out["group"], out["name"] = r.run.run_group, r.run.display_name
+            out["config"].update(items(r.run.config.update))
+        elif kind == "history":
+            for key, value in items(r.history.item).items():
+                out["history"].setdefault(key, []).append(value)
+        elif kind == "summary":
+            out["summary"].update(items(r.summary.update))
+        elif kind == "config":
+            out["config"].update(items(r.config.update))
+        elif kind == "exit":
+            out["exit_code"] = r.exit.exit_code
+    return out
+
+
+def test_wandb_offline_run_holds_config_metrics_generations_and_figures(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tmp_path / "run"
+    results = run_module.run(tracked_cfg(tmp_path, "logger=wandb", f"logger.save_dir={run_dir}", "sweep_name=grid7",
+                                      "defense=antibody_weighting"), run_dir)
+    wb = read_offline_run(run_dir)
+    assert wb["group"] == "grid7" and wb["name"] == "antibody_weighting_p0.1_s0" and wb["exit_code"] == 0
+    assert wb["config"]["defense"]["name"] == "antibody_weighting"
+    assert len(wb["history"]["align-train/loss"]) >= 2 and "finetune-train/loss" in wb["history"]
+    assert wb["summary"]["harmful_score"] == results["harmful_score"]
+    assert wb["summary"]["finetune_accuracy"] == results["finetune_accuracy"]
+    tables = list(wb["files"].glob("media/table/generations/deployed_*.table.json"))
+    table = json.loads(tables[0].read_text())
+    assert {"prompt", "output", "harmful"} <= set(table["columns"])
+    assert len(table["data"]) == results["n_eval_prompts"] + results["n_task_eval"]
+    assert list(wb["files"].glob("media/images/figures/antibody_scores_*.png"))
+
+
+def test_wandb_run_is_closed_as_failed_when_a_stage_raises(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+    def broken(exp, results):
+        raise RuntimeError("disk full")
+    monkeypatch.setitem(run_module.STAGE_FUNCTIONS, "eval", broken)
+    run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="disk full"):
+        run_module.run(tracked_cfg(tmp_path, "logger=wandb", f"logger.save_dir={run_dir}"), run_dir)
+    assert read_offline_run(run_dir)["exit_code"] == 1
+
+
+@pytest.mark.parametrize("logger,pattern", [("tensorboard", "tb/{stage}/events.out.tfevents.*"),
+                                            ("csv", "logs/{stage}/metrics.csv")])
+def test_file_loggers_write_one_log_per_stage(tmp_path, logger, pattern):
+    run_dir = tmp_path / "run"
+    run_module.run(tracked_cfg(tmp_path, f"logger={logger}", f"logger.save_dir={run_dir}"), run_dir)
+    for stage in ("align", "finetune"):
+        assert list(run_dir.glob(pattern.format(stage=stage))), stage
