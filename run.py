@@ -39,22 +39,8 @@ ADAPTER = "adapter.safetensors"
 def stage_align(exp: Experiment, results: dict) -> None:
     """Base model + refusal data -> aligned adapter, cached under the alignment config's key."""
     key = exp.align_key()
-    entry = exp.cache.lookup("align", key)
-    if entry is not None:
-        log.info("reused aligned model from %s", entry)
-    else:
-        samples = alignment_samples(exp.splits, exp.formatter, exp.retain_samples())
-        module = exp.module(exp.cfg.align)
-        exp.fit("align", module, exp.datamodule(samples, exp.cfg.align), exp.cfg.align)
-
-        def write(folder: Path) -> None:
-            save_adapter(exp.model, folder / ADAPTER)
-            write_diagnostics(module, folder / "diagnostics")
-        entry = exp.cache.store("align", key, write,
-                                meta={"n_align": len(exp.splits.align_prompts), "model": exp.cfg.model.name,
-                                      "n_retain": exp.cfg.data.n_retain, "config": plain(exp.cfg.align),
-                                      "seconds": exp.timings["align"]})
-        log.info("aligned model written to %s", entry)
+    with exp.cache.lock("align", key):  # parallel grid points wait for one alignment, then reuse it
+        entry = align_once(exp, key)
     load_adapter(exp.model, entry / ADAPTER)
     results.update(aligned_adapter=str(entry / ADAPTER), aligned_reused="align" not in exp.timings)
     if (entry / "diagnostics").is_dir():  # a cached alignment's diagnostics travel with it
@@ -62,6 +48,27 @@ def stage_align(exp: Experiment, results: dict) -> None:
         results["align_diagnostics"] = json.loads((entry / "diagnostics" / "summary.json").read_text())
     if exp.cfg.eval.evaluate_aligned and "eval" in exp.cfg.stages:
         results.update({f"aligned_{k}": v for k, v in evaluate_aligned(exp).items()})
+
+
+def align_once(exp: Experiment, key: str) -> Path:
+    """The cache entry of the aligned adapter: looked up, or trained and stored."""
+    entry = exp.cache.lookup("align", key)
+    if entry is not None:
+        log.info("reused aligned model from %s", entry)
+        return entry
+    samples = alignment_samples(exp.splits, exp.formatter, exp.retain_samples())
+    module = exp.module(exp.cfg.align)
+    exp.fit("align", module, exp.datamodule(samples, exp.cfg.align), exp.cfg.align)
+
+    def write(folder: Path) -> None:
+        save_adapter(exp.model, folder / ADAPTER)
+        write_diagnostics(module, folder / "diagnostics")
+    entry = exp.cache.store("align", key, write,
+                            meta={"n_align": len(exp.splits.align_prompts), "model": exp.cfg.model.name,
+                                  "n_retain": exp.cfg.data.n_retain, "config": plain(exp.cfg.align),
+                                  "seconds": exp.timings["align"]})
+    log.info("aligned model written to %s", entry)
+    return entry
 
 
 def evaluate_aligned(exp: Experiment) -> dict:

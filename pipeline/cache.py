@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from filelock import FileLock
+
 
 def config_key(determinants: dict) -> str:
     """A short stable hash of a JSON-able dict (the resolved config that determines a stage)."""
@@ -27,6 +29,13 @@ class StageCache:
 
     def entry(self, stage: str, key: str) -> Path:
         return self.root / stage / key
+
+    def lock(self, stage: str, key: str) -> FileLock:
+        """An inter-process lock on one entry: parallel runs (joblib, submitit, SLURM jobs sharing
+        the cache) build it once; the others wait, then find it."""
+        folder = self.root / ".locks" / stage
+        folder.mkdir(parents=True, exist_ok=True)
+        return FileLock(folder / f"{key}.lock")
 
     def lookup(self, stage: str, key: str) -> Path | None:
         """The entry's directory if it is complete (has meta.json), else None."""

@@ -56,3 +56,27 @@ def test_grid_table_rerun_skips_finished_points_and_reports_failures(tmp_path):
 def test_report_names_a_missing_sweep_directory(tmp_path):
     with pytest.raises(SystemExit, match="no sweep directory"):
         report(tmp_path / "nope")
+
+
+def test_submitit_local_launcher_runs_a_grid(tmp_path):
+    """The path a SLURM grid takes (one submitit job per point), on this machine."""
+    done = multirun(tmp_path, "harmful_ratio=0,0.5", "hydra/launcher=submitit_local")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Submitit 'local' sweep" in done.stdout + done.stderr
+    rows = report(tmp_path / "sweep")
+    assert [(r["harmful_ratio"], r["seeds_done"]) for r in rows] == [("0", 1), ("0.5", 1)]
+    assert len(list((tmp_path / "cache" / "align").iterdir())) == 1  # the two jobs aligned once
+
+
+def test_slurm_launcher_config_has_partition_gpus_and_time():
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
+                                           "hydra.launcher.gpus_per_node=4", "hydra.launcher.timeout_min=60"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 4, 60)
