@@ -43,8 +43,11 @@ def split(override: str) -> tuple[str, str]:
 
 
 def expected_grid(sweep_dir: Path) -> list[dict[str, str]]:
+    """The grid the sweeper expanded: `hydra.sweeper.params` (experiment files) + command-line overrides."""
     config = yaml.safe_load((sweep_dir / "multirun.yaml").read_text())
-    parsed = OverridesParser.create().parse_overrides(config["hydra"]["overrides"]["task"])
+    params = config["hydra"].get("sweeper", {}).get("params") or {}
+    overrides = [f"{k}={v}" for k, v in params.items()] + list(config["hydra"]["overrides"]["task"])
+    parsed = OverridesParser.create().parse_overrides(overrides)
     jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
     return [dict(split(o) for o in job) for job in jobs]
 

@@ -80,3 +80,27 @@ def test_slurm_launcher_config_has_partition_gpus_and_time():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 4, 60)
+
+
+def test_expected_grid_combines_experiment_params_and_command_line(tmp_path):
+    from pipeline.sweep_report import collect, expected_grid
+
+    (tmp_path / "multirun.yaml").write_text(
+        "hydra:\n  sweeper:\n    params:\n      defense: sft,antibody\n      seed: 0,1\n"
+        "  overrides:\n    task: [experiment=antibody_ablation, harmful_ratio=0.2]\n")
+    grid = expected_grid(tmp_path)
+    assert len(grid) == 4 and {(g["defense"], g["seed"]) for g in grid} == {
+        ("sft", "0"), ("sft", "1"), ("antibody", "0"), ("antibody", "1")}
+    assert all(g["experiment"] == "antibody_ablation" and g["harmful_ratio"] == "0.2" for g in grid)
+    assert {p.status for p in collect(tmp_path)} == {"missing"}  # nothing ran: every point shown missing
+
+
+def test_experiment_files_compose_into_sweeps():
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        for name in ("panacea_ratios", "antibody_ablation", "antibody_ratios"):
+            cfg = compose("config", overrides=[f"experiment={name}"], return_hydra_config=True)
+            assert cfg.sweep_name == name and "defense" in cfg.hydra.sweeper.params
