@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/step_time.py                      # default model, batch 8 x 128
     .venv/bin/python benchmarks/step_time.py --model tiny --steps 5
 
+Peak memory is the process's peak RSS during training (reset after the model is loaded; glibc
+keeps some freed memory, so it is an upper bound on what is live at once).
 Every (defense, repetition) runs in its own process (so peak RSS is that defense's own), in
 interleaved order (sft, panacea, sft, panacea, ...) so that machine noise hits both alike. The
 user batch and the defender's harmful batch are real samples, all cut to the same length.
@@ -12,6 +14,8 @@ Ratios are what to read: absolute times drift on a shared machine. Never used as
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import multiprocessing as mp
 import resource
 import statistics
@@ -74,9 +78,24 @@ def measure(defense: str, args, queue) -> None:
     trainer = L.Trainer(max_steps=args.warmup + args.steps, accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[Timer()])
+    reset_peak_rss()  # the peak of training, not of loading the model (GGUF dequantization)
     trainer.fit(module, datamodule=dm)
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    queue.put((defense, statistics.median(times[args.warmup:]), peak_mib))
+    queue.put((defense, statistics.median(times[args.warmup:]), peak_rss_mib()))
+
+
+def reset_peak_rss() -> None:
+    """Give freed heap back to the OS, then reset the kernel's high-water mark of this process
+    (Linux: writing 5 to /proc/self/clear_refs resets VmHWM)."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main() -> None:
@@ -104,7 +123,7 @@ def main() -> None:
     sft_step = statistics.median(s for s, _ in results["sft"])
     sft_peak = statistics.median(p for _, p in results["sft"])
     print(f"\nmodel={args.model} batch={args.batch_size}x{args.seq_len} steps={args.steps} reps={args.reps}\n")
-    print("| defense | step time (s, median) | ratio vs SFT | floor (passes) | target | peak RSS (MiB) "
+    print("| defense | step time (s, median) | ratio vs SFT | floor (passes) | target | peak RSS in training (MiB) "
           "| ratio vs SFT | target |")
     print("|---|---|---|---|---|---|---|---|")
     for defense, rows in results.items():
