@@ -1,6 +1,7 @@
 """Experiment tracking: W&B offline (read back from its run file), TensorBoard and CSV."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -54,7 +55,23 @@ def items(record_items) -> dict:
     return {"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in record_items}
 
 
-def read_offline_run(run_dir: Path) -> dict:
+def read_offline_run(run_dir: Path, timeout_s: float = 60.0) -> dict:
+    """The run's records once its exit record is on disk (wandb's service process writes the
+    file asynchronously: `finish()` can return before the last records land)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            run = _read_offline_run(run_dir)
+        except Exception:  # a record half-written at the end of the file, or the file not there yet
+            if time.monotonic() > deadline:
+                raise
+            run = {}
+        if "exit_code" in run or time.monotonic() > deadline:
+            return run
+        time.sleep(0.5)
+
+
+def _read_offline_run(run_dir: Path) -> dict:
     (run_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
     out = {"history": {}, "summary": {}, "config": {}, "files": run_file.parent / "files"}
     for r in wandb_records(run_file):
