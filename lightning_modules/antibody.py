@@ -24,8 +24,8 @@ from typing import Callable
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
-from datamodules.cycling import CyclingBatches, to_device
-from lightning_modules.causal_lm import CausalLMModule, answer_token_nll
+from datamodules.cycling import to_device
+from lightning_modules.causal_lm import CausalLMModule, DefenderBatchesModule, answer_token_nll
 from lightning_modules.gradients import cosine, global_dot, global_norm
 from pipeline.figures import new_figure, save_figure, write_csv
 from pipeline.models import trainable
@@ -34,9 +34,9 @@ from pipeline.validation import InputError
 LAMBDA_RULES = ("cosine", "theorem")
 
 
-def cosine_lambda(A: list[torch.Tensor], S: list[torch.Tensor], eta: float) -> torch.Tensor:
+def cosine_lambda(cos_A_S: torch.Tensor, eta: float) -> torch.Tensor:
     """The reference's rule: max(η − cos(A, S), 0)."""
-    return torch.clamp(eta - cosine(A, S), min=0.0)
+    return torch.clamp(eta - cos_A_S, min=0.0)
 
 
 def theorem_lambda(A: list[torch.Tensor], S: list[torch.Tensor], a: float) -> torch.Tensor:
@@ -44,7 +44,7 @@ def theorem_lambda(A: list[torch.Tensor], S: list[torch.Tensor], a: float) -> to
     return torch.clamp((a - global_dot(A, S)) / (global_norm(S) ** 2 + 1e-12), min=0.0)
 
 
-class AntibodyAlignModule(CausalLMModule):
+class AntibodyAlignModule(DefenderBatchesModule):
     """alpha: step size α of the simulated harmful step (reference 0.1).
     eta: η of the λ rule (reference 5.0; the constant a when lambda_rule=theorem).
     ema_momentum: m of λ_t's moving average (reference 0.99).
@@ -52,33 +52,25 @@ class AntibodyAlignModule(CausalLMModule):
     lambda_rule: cosine (the reference's code) | theorem (the paper's Theorem 4.1).
     harmful_batch_size: defender's harmful samples per step and process (reference: = batch size)."""
 
+    defense_name = "antibody"
+
     def __init__(self, model: torch.nn.Module, optimizer: Callable, scheduler: Callable | None = None,
                  alpha: float = 0.1, eta: float = 5.0, ema_momentum: float = 0.99, lambda2: float = 0.05,
                  lambda_rule: str = "cosine", harmful_batch_size: int = 16):
-        super().__init__(model, optimizer, scheduler)
+        super().__init__(model, optimizer, scheduler, harmful_batch_size)
         if lambda_rule not in LAMBDA_RULES:
             raise InputError(f"antibody lambda_rule={lambda_rule!r} is not one of {LAMBDA_RULES}")
         if not 0.0 <= ema_momentum < 1.0:
             raise InputError(f"antibody ema_momentum={ema_momentum} must be in [0, 1)")
-        self.automatic_optimization = False
         self.alpha, self.eta, self.ema_momentum, self.lambda2 = alpha, eta, ema_momentum, lambda2
         self.lambda_rule = lambda_rule
-        self.harmful_batch_size = harmful_batch_size
         self.lambda_t: torch.Tensor | None = None
         self.history: list[dict] = []
-        self.harmful: CyclingBatches | None = None
-        self._resume_drawn = 0
 
-    def on_fit_start(self) -> None:
-        self.refuse_fp16("antibody")
-
-    def on_train_start(self) -> None:
-        self.harmful = self.defender_batches(self.harmful_batch_size)
-        self.harmful.fast_forward(self._resume_drawn)
-
-    def raw_lambda(self, A: list[torch.Tensor], S: list[torch.Tensor]) -> torch.Tensor:
-        rule = cosine_lambda if self.lambda_rule == "cosine" else theorem_lambda
-        return rule(A, S, self.eta)
+    def raw_lambda(self, A: list[torch.Tensor], S: list[torch.Tensor], cos_A_S: torch.Tensor) -> torch.Tensor:
+        if self.lambda_rule == "cosine":
+            return cosine_lambda(cos_A_S, self.eta)
+        return theorem_lambda(A, S, self.eta)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         params = list(trainable(self.model).values())
@@ -103,12 +95,13 @@ class AntibodyAlignModule(CausalLMModule):
 
         with torch.no_grad():
             S = [h - hp for h, hp in zip(Hh, Hp)]
-            lambda_raw = self.raw_lambda(A, S)
+            cos_A_S = cosine(A, S)
+            lambda_raw = self.raw_lambda(A, S, cos_A_S)
             m = self.ema_momentum
             self.lambda_t = lambda_raw if self.lambda_t is None else m * self.lambda_t + (1 - m) * lambda_raw
             grads = [a + self.lambda_t * s + self.lambda2 * r for a, s, r in zip(A, S, R)]
             record = {"step": self.global_step, "lambda_raw": lambda_raw.item(), "lambda_t": self.lambda_t.item(),
-                      "cos_A_S": cosine(A, S).item(), "harmful_grad_norm": h_norm.item(),
+                      "cos_A_S": cos_A_S.item(), "harmful_grad_norm": h_norm.item(),
                       "align_loss": a_loss.item(), "harmful_loss": h_loss.item(),
                       "harmful_loss_after_attack": hp_loss.item(), "refusal_loss_after_attack": r_loss.item()}
         self.optimizer_step_with(grads, params)
@@ -119,14 +112,14 @@ class AntibodyAlignModule(CausalLMModule):
 
     # --- state and diagnostics -------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["antibody_lambda_t"] = None if self.lambda_t is None else self.lambda_t.cpu()
         checkpoint["antibody_history"] = self.history
-        checkpoint["harmful_batches_drawn"] = self.harmful.drawn if self.harmful else 0
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.lambda_t = checkpoint.get("antibody_lambda_t")
         self.history = list(checkpoint.get("antibody_history", []))
-        self._resume_drawn = checkpoint.get("harmful_batches_drawn", 0)
 
     def write_diagnostics(self, folder: Path) -> dict:
         """antibody_lambda.csv / .png: λ_raw and λ_t over alignment steps (paper's λ_t plot)."""
@@ -198,10 +191,10 @@ class WeightedSFTModule(CausalLMModule):
         loss = weighted_answer_loss(nll_sum, count, weights)
 
         harmful = batch["is_harmful"].bool()
-        for i in range(len(weights)):
-            self.step_records.append({"step": self.global_step, "index": int(batch["index"][i]),
-                                      "is_harmful": bool(harmful[i]), "score": scores[i].item(),
-                                      "weight": weights[i].item(), "batch_size": len(weights)})
+        for index, is_harmful, score, weight in zip(batch["index"].tolist(), harmful.tolist(),
+                                                    scores.tolist(), weights.tolist()):
+            self.step_records.append({"step": self.global_step, "index": index, "is_harmful": is_harmful,
+                                      "score": score, "weight": weight, "batch_size": len(weights)})
         bs = len(weights)
         metrics = {"train/unweighted_loss": (nll_sum.sum() / count.sum().clamp(min=1)).detach()}
         if harmful.any():  # weight relative to uniform (1 = the weight plain SFT gives)

@@ -83,22 +83,6 @@ class CausalLMModule(L.LightningModule):
             p.grad = None
         return grads
 
-    def refuse_fp16(self, defense: str) -> None:
-        precision = str(self.trainer.precision)
-        if precision.startswith("16"):
-            raise InputError(
-                f"defense={defense} refuses precision={precision}: fp16 with a grad scaler scales the "
-                "gradients its perturbation is built from; use model.precision=bf16-mixed or 32-true")
-
-    def defender_batches(self, batch_size: int) -> CyclingBatches:
-        """The datamodule's defender-held harmful pairs (each with a refusal view), cycled;
-        under DDP each process draws its own shard of `batch_size`."""
-        loader = self.trainer.datamodule.defender_harmful_dataloader(
-            batch_size, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank)
-        if len(loader.dataset) == 0:
-            raise InputError(f"{type(self).__name__} needs defender-held harmful samples: set data.n_defender >= 1")
-        return CyclingBatches(loader)
-
     def optimizer_step_with(self, grads: list[torch.Tensor], params: list[torch.nn.Parameter]) -> None:
         """Set `grads` as the gradient and take ONE optimizer (and scheduler) step."""
         opt = self.optimizers()
@@ -122,3 +106,45 @@ class CausalLMModule(L.LightningModule):
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class DefenderBatchesModule(CausalLMModule):
+    """A multi-pass defense that also draws one batch of the defender's harmful pairs per step
+    (Panacea, Antibody's alignment): manual optimization, fp16 refused (a grad scaler corrupts
+    perturbations), and the position in the defender's batches saved in checkpoints so that a
+    resumed run draws the same batches. Subclasses call super() in the checkpoint hooks.
+
+    harmful_batch_size: defender's harmful samples per step and process."""
+
+    defense_name = "?"  # for messages
+
+    def __init__(self, model: torch.nn.Module, optimizer: Callable, scheduler: Callable | None = None,
+                 harmful_batch_size: int = 16):
+        super().__init__(model, optimizer, scheduler)
+        self.automatic_optimization = False
+        self.harmful_batch_size = harmful_batch_size
+        self.harmful: CyclingBatches | None = None
+        self._resume_drawn = 0
+
+    def on_fit_start(self) -> None:
+        precision = str(self.trainer.precision)
+        if precision.startswith("16"):
+            raise InputError(
+                f"defense={self.defense_name} refuses precision={precision}: fp16 with a grad scaler scales "
+                "the gradients its perturbation is built from; use model.precision=bf16-mixed or 32-true")
+
+    def on_train_start(self) -> None:
+        """The datamodule's defender-held harmful pairs (each with a refusal view), cycled, from
+        where a resumed run left them; under DDP each process draws its own shard."""
+        loader = self.trainer.datamodule.defender_harmful_dataloader(
+            self.harmful_batch_size, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank)
+        if len(loader.dataset) == 0:
+            raise InputError(f"{type(self).__name__} needs defender-held harmful samples: set data.n_defender >= 1")
+        self.harmful = CyclingBatches(loader)
+        self.harmful.fast_forward(self._resume_drawn)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["harmful_batches_drawn"] = self.harmful.drawn if self.harmful else 0
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._resume_drawn = checkpoint.get("harmful_batches_drawn", 0)

@@ -18,37 +18,27 @@ from typing import Callable
 
 import torch
 
-from datamodules.cycling import CyclingBatches
-from lightning_modules.causal_lm import CausalLMModule
+from lightning_modules.causal_lm import DefenderBatchesModule
 from lightning_modules.gradients import global_norm
 from pipeline.models import trainable
 
 
-class PanaceaModule(CausalLMModule):
+class PanaceaModule(DefenderBatchesModule):
     """rho: radius of ε (reference 1.0). lam: weight λ of the harmful-loss increase (reference 1e-3).
     harmful_batch_size: defender's harmful samples per step and process (reference 10).
     harmful_loss_clamp: h(w+ε) is clamped at this value before its backward, as the reference
     does (5.0); null disables the clamp."""
 
+    defense_name = "panacea"
+
     def __init__(self, model: torch.nn.Module, optimizer: Callable, scheduler: Callable | None = None,
                  rho: float = 1.0, lam: float = 1e-3, harmful_batch_size: int = 10,
                  harmful_loss_clamp: float | None = 5.0):
-        super().__init__(model, optimizer, scheduler)
-        self.automatic_optimization = False
+        super().__init__(model, optimizer, scheduler, harmful_batch_size)
         self.rho = rho
         self.lam = lam
-        self.harmful_batch_size = harmful_batch_size
         self.harmful_loss_clamp = harmful_loss_clamp
         self.epsilon: dict[str, torch.Tensor] = {}
-        self.harmful: CyclingBatches | None = None
-        self._resume_drawn = 0
-
-    def on_fit_start(self) -> None:
-        self.refuse_fp16("panacea")
-
-    def on_train_start(self) -> None:
-        self.harmful = self.defender_batches(self.harmful_batch_size)
-        self.harmful.fast_forward(self._resume_drawn)
 
     # --- one step ---------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> None:
@@ -84,9 +74,9 @@ class PanaceaModule(CausalLMModule):
 
     # --- ε and the harmful-batch position are state -----------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["panacea_epsilon"] = {k: v.cpu() for k, v in self.epsilon.items()}
-        checkpoint["harmful_batches_drawn"] = self.harmful.drawn if self.harmful else 0
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.epsilon = dict(checkpoint.get("panacea_epsilon", {}))
-        self._resume_drawn = checkpoint.get("harmful_batches_drawn", 0)

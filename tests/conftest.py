@@ -77,3 +77,31 @@ class RecordRank(L.Callback):
         params = {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
         torch.save({"user": self.user, "harmful": self.harmful, "params": params, **state},
                    self.out_dir / f"rank{trainer.global_rank}.pt")
+
+
+class Pair:
+    """A (prompt, answer) pair shaped like the datamodules' harmful pairs."""
+
+    def __init__(self, prompt, answer):
+        self.prompt, self.answer = prompt, answer
+
+
+def tiny_lora():
+    """The tiny model with LoRA on q/v and a nonzero B, so that every LoRA tensor has a gradient."""
+    from pipeline.models import add_lora, build_tiny
+
+    base, _ = build_tiny(init_seed=1)
+    model = add_lora(base, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"], seed=0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+    return model
+
+
+def fit_steps(module, dm, steps, **kwargs):
+    """Fit `module` for `steps` optimizer steps on CPU, without logger, checkpoints or bars."""
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, **kwargs)
+    trainer.fit(module, datamodule=dm)
+    return trainer

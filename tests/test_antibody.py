@@ -13,24 +13,10 @@ from datamodules.sft import SFTDataModule
 from lightning_modules.antibody import (AntibodyAlignModule, WeightedSFTModule, sample_weights,
                                         weighted_answer_loss)
 from lightning_modules.causal_lm import answer_loss, answer_token_nll
-from pipeline.models import add_lora, build_tiny
+from conftest import Pair, tiny_lora
+from conftest import fit_steps as fit
 
 ALPHA, LAMBDA2 = 0.5, 0.3
-
-
-class Pair:
-    def __init__(self, prompt, answer):
-        self.prompt, self.answer = prompt, answer
-
-
-def tiny_lora():
-    base, _ = build_tiny(init_seed=1)
-    model = add_lora(base, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"], seed=0)
-    with torch.no_grad():  # nonzero B so that every LoRA tensor has a gradient
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
-    return model
 
 
 def align_setup(fmt, lr=1.0, eta=0.5, rule="cosine", momentum=0.9, n_safe=4, batch_size=4, n_defender=3,
@@ -44,13 +30,6 @@ def align_setup(fmt, lr=1.0, eta=0.5, rule="cosine", momentum=0.9, n_safe=4, bat
                                  ema_momentum=momentum, lambda2=LAMBDA2, lambda_rule=rule,
                                  harmful_batch_size=harmful_batch_size)
     return model, dm, module
-
-
-def fit(module, dm, steps, **kwargs):
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, **kwargs)
-    trainer.fit(module, datamodule=dm)
-    return trainer
 
 
 def loss_fn(model, params, batch):
@@ -181,7 +160,7 @@ def test_weighted_step_equals_independent_gradient_and_ignores_harm_labels(tiny_
     fmt = tiny_formatter
     model, dm, module, samples = weighting_setup(fmt)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    params = {n: p.detach().clone().requires_grad_(True) for n in names for p in [dict(model.named_parameters())[n]]}
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters() if p.requires_grad}
     pad = fmt.tokenizer.pad_token_id
     answers = collate([fmt.encode(s["prompt"], s["answer"]) for s in samples], pad)
     refusals = collate([fmt.encode(s["prompt"], refusal_for(i)) for i, s in enumerate(samples)], pad)

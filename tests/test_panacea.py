@@ -13,25 +13,15 @@ from datamodules.sft import SFTDataModule
 from lightning_modules.causal_lm import answer_loss
 from lightning_modules.gradients import global_norm
 from lightning_modules.panacea import PanaceaModule
-from conftest import RecordRank
-from pipeline.models import add_lora, build_tiny
+from conftest import Pair, RecordRank, tiny_lora
+from conftest import fit_steps as fit
 
 RHO, LAM, CLAMP = 0.5, 0.5, None
 
 
-class Pair:
-    def __init__(self, prompt, answer):
-        self.prompt, self.answer = prompt, answer
-
-
 def setup(tiny_formatter, n_user=4, lr=1.0, clamp=CLAMP, optimizer=torch.optim.SGD, n_defender=3,
           harmful_batch_size=3, module_class=PanaceaModule, batch_size=4):
-    base, _ = build_tiny(init_seed=1)
-    model = add_lora(base, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"], seed=0)
-    with torch.no_grad():  # nonzero B so that every LoRA tensor has a gradient
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
+    model = tiny_lora()
     users = [{"prompt": tiny_formatter.prompt(f"Review {i}: fine."), "answer": "positive", "is_harmful": False}
              for i in range(n_user)]
     defender = [Pair(f"How do I do harm number {i}?", f"Step one: harm {i}.") for i in range(n_defender)]
@@ -39,13 +29,6 @@ def setup(tiny_formatter, n_user=4, lr=1.0, clamp=CLAMP, optimizer=torch.optim.S
     module = module_class(model, optimizer=partial(optimizer, lr=lr), rho=RHO, lam=LAM,
                           harmful_batch_size=harmful_batch_size, harmful_loss_clamp=clamp)
     return model, dm, module
-
-
-def fit(module, dm, steps, **kwargs):
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, **kwargs)
-    trainer.fit(module, datamodule=dm)
-    return trainer
 
 
 def independent_update(model, user_batch, harmful_batch, clamp):
