@@ -24,12 +24,14 @@ from omegaconf import DictConfig  # noqa: E402
 
 from callbacks.evaluation import evaluate_model  # noqa: E402
 from datamodules.sft import alignment_samples, poisoned_samples  # noqa: E402
+from pipeline import distributed  # noqa: E402
+from pipeline.distributed import broadcast, is_main, world_size  # noqa: E402
 from pipeline.experiment import Experiment, plain  # noqa: E402
 from pipeline.io import atomic_write_text  # noqa: E402
 from pipeline.models import load_adapter, save_adapter  # noqa: E402
 from pipeline.report import print_summary  # noqa: E402
 from pipeline.sweep import FAILED, RESULTS, clear_failure, finished, point_key, record_failure  # noqa: E402
-from pipeline.tracking import make_tracker  # noqa: E402
+from pipeline.tracking import Tracker, make_tracker  # noqa: E402
 from pipeline.validation import InputError, validate_config  # noqa: E402
 
 log = logging.getLogger("run")
@@ -38,9 +40,7 @@ ADAPTER = "adapter.safetensors"
 
 def stage_align(exp: Experiment, results: dict) -> None:
     """Base model + refusal data -> aligned adapter, cached under the alignment config's key."""
-    key = exp.align_key()
-    with exp.cache.lock("align", key):  # parallel grid points wait for one alignment, then reuse it
-        entry = align_once(exp, key)
+    entry = align_once(exp, exp.align_key())
     load_adapter(exp.model, entry / ADAPTER)
     results.update(aligned_adapter=str(entry / ADAPTER), aligned_reused="align" not in exp.timings)
     if (entry / "diagnostics").is_dir():  # a cached alignment's diagnostics travel with it
@@ -51,36 +51,38 @@ def stage_align(exp: Experiment, results: dict) -> None:
 
 
 def align_once(exp: Experiment, key: str) -> Path:
-    """The cache entry of the aligned adapter: looked up, or trained and stored."""
-    entry = exp.cache.lookup("align", key)
-    if entry is not None:
-        log.info("reused aligned model from %s", entry)
-        return entry
-    samples = alignment_samples(exp.splits, exp.formatter, exp.retain_samples())
-    module = exp.module(exp.cfg.align)
-    exp.fit("align", module, exp.datamodule(samples, exp.cfg.align), exp.cfg.align)
+    """The cache entry of the aligned adapter: looked up, or trained and stored (parallel grid
+    points wait for one alignment under the entry's lock, then reuse it)."""
+    module = None
 
-    def write(folder: Path) -> None:
+    def train() -> None:
+        nonlocal module
+        samples = alignment_samples(exp.splits, exp.formatter, exp.retain_samples())
+        module = exp.module(exp.cfg.align)
+        exp.fit("align", module, exp.datamodule(samples, exp.cfg.align), exp.cfg.align)
+
+    def write(folder: Path, _) -> None:
         save_adapter(exp.model, folder / ADAPTER)
         write_diagnostics(module, folder / "diagnostics")
-    entry = exp.cache.store("align", key, write,
-                            meta={"n_align": len(exp.splits.align_prompts), "model": exp.cfg.model.name,
-                                  "n_retain": exp.cfg.data.n_retain, "config": plain(exp.cfg.align),
-                                  "seconds": exp.timings["align"]})
-    log.info("aligned model written to %s", entry)
+
+    entry = exp.cached("align", key, train, write, meta=lambda: {
+        "n_align": len(exp.splits.align_prompts), "model": exp.cfg.model.name, "n_retain": exp.cfg.data.n_retain,
+        "config": plain(exp.cfg.align), "seconds": exp.timings["align"]})
+    log.info("aligned model written to %s" if module else "reused aligned model from %s", entry)
     return entry
 
 
 def evaluate_aligned(exp: Experiment) -> dict:
     """HS/FA of the aligned model, cached next to it (keyed by alignment + evaluation config)."""
-    key = exp.aligned_eval_key()
-    entry = exp.cache.lookup("aligned_eval", key)
-    if entry is None:
-        def write(folder: Path) -> None:
-            metrics = run_eval(exp, folder / "generations.jsonl", tag="aligned")
-            (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        entry = exp.cache.store("aligned_eval", key, write, meta={"align_key": exp.align_key()})
-    shutil.copyfile(entry / "generations.jsonl", exp.run_dir / "generations_aligned.jsonl")
+    generations = exp.run_dir / "generations_aligned.jsonl"
+
+    def write(folder: Path, metrics: dict) -> None:
+        shutil.copyfile(generations, folder / "generations.jsonl")
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    entry = exp.cached("aligned_eval", exp.aligned_eval_key(), lambda: run_eval(exp, generations, tag="aligned"),
+                       write, meta={"align_key": exp.align_key()})
+    if is_main():
+        shutil.copyfile(entry / "generations.jsonl", generations)
     return json.loads((entry / "metrics.json").read_text())
 
 
@@ -91,10 +93,11 @@ def stage_finetune(exp: Experiment, results: dict) -> None:
                                cfg.harmful_ratio, cfg.finetune.sample_seed)
     exp.finetune_module = exp.module(cfg.finetune)
     exp.fit("finetune", exp.finetune_module, exp.datamodule(samples, cfg.finetune), cfg.finetune)
-    save_adapter(exp.model, exp.run_dir / "adapters" / "finetuned.safetensors")
-    summary = write_diagnostics(exp.finetune_module, exp.run_dir / "finetune_diagnostics")
-    if summary is not None:
-        results["finetune_diagnostics"] = summary
+    if is_main():
+        save_adapter(exp.model, exp.run_dir / "adapters" / "finetuned.safetensors")
+        summary = write_diagnostics(exp.finetune_module, exp.run_dir / "finetune_diagnostics")
+        if summary is not None:
+            results["finetune_diagnostics"] = summary
 
 
 def write_diagnostics(module, folder: Path) -> dict | None:
@@ -119,7 +122,8 @@ def stage_post(exp: Experiment, results: dict) -> None:
             results.update({f"before_post_{k}": v for k, v in before.items()})
         with exp.timed("post"):
             transform(exp)
-    save_adapter(exp.model, exp.run_dir / "adapters" / "deployed.safetensors")
+    if is_main():
+        save_adapter(exp.model, exp.run_dir / "adapters" / "deployed.safetensors")
 
 
 def stage_eval(exp: Experiment, results: dict) -> None:
@@ -154,14 +158,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "n_retain": cfg.data.n_retain, "n_defender": len(exp.splits.defender_pairs),
         "n_user_harmful_pool": len(exp.splits.user_pairs),
     }
-    exp.tracker = make_tracker(cfg)
+    exp.tracker = make_tracker(cfg) if is_main() else Tracker()
     try:
         for stage in cfg.stages:
             STAGE_FUNCTIONS[stage](exp, results)
         results["seconds"] = exp.timings
         results["run_dir"] = str(run_dir)
         results["point_key"] = point_key(cfg)
-        if "eval" in cfg.stages:
+        results["processes"] = world_size()
+        if "eval" in cfg.stages and is_main():
             atomic_write_text(run_dir / RESULTS, json.dumps(results, indent=2) + "\n")
         track_outputs(exp.tracker, results, run_dir)
     except BaseException:
@@ -182,34 +187,40 @@ def track_outputs(tracker, results: dict, run_dir: Path) -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if HydraConfig.get().mode == RunMode.MULTIRUN:
-        return run_grid_point(cfg, run_dir)
+    multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
+        distributed.start(cfg.trainer, multirun)  # several processes: all of them run what follows
+        if multirun:
+            return run_grid_point(cfg, run_dir)
         results = run(cfg, run_dir)
     except InputError as err:
         log.error("%s", err)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    print_summary(results)
+    if is_main():
+        print_summary(results)
     return results.get("harmful_score")
 
 
 def run_grid_point(cfg: DictConfig, run_dir: Path) -> float | None:
     """One point of a multirun: skipped if it finished before with the same config; a failure is
     recorded in failed.json and the sweep goes on (pipeline/sweep.py)."""
-    done = finished(run_dir, point_key(cfg))
+    done = broadcast(finished(run_dir, point_key(cfg)))  # rank 0 decides, before anyone writes
     if done is not None:
         log.info("skipped %s: finished before with the same config", run_dir)
         return done.get("harmful_score")
-    clear_failure(run_dir)
-    (run_dir / RESULTS).unlink(missing_ok=True)  # a stale result of another config
+    if is_main():
+        clear_failure(run_dir)
+        (run_dir / RESULTS).unlink(missing_ok=True)  # a stale result of another config
     try:
         results = run(cfg, run_dir)
     except Exception as err:  # noqa: BLE001 - every failure is recorded, the grid goes on
-        record_failure(run_dir, err)
+        if is_main():
+            record_failure(run_dir, err)
         log.error("point failed (recorded in %s): %s", run_dir / FAILED, err)
         return None
-    print_summary(results)
+    if is_main():
+        print_summary(results)
     return results.get("harmful_score")
 
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Callable
 
 from datamodules.formatting import PromptFormatter
 from datamodules.tasks import Task
+from pipeline.distributed import is_main, map_shards
 from pipeline.generation import generate_greedy
 from pipeline.io import atomic_write_text
 
@@ -21,21 +23,31 @@ EVAL_VERSION = 2
 def evaluate_model(model, formatter: PromptFormatter, harmful_prompts: list[str], task: Task, judge,
                    n_task: int, harmful_max_new_tokens: int, task_max_new_tokens: int,
                    batch_size: int, generations_path: Path | None = None, tag: str = "") -> dict:
+    """HS / HS+ / FA / task refusal rate; the generations with their verdicts go to
+    `generations_path` (JSONL). Under several processes every process calls this: each prompt is
+    generated and judged by exactly one process, every process returns the same metrics, and
+    rank 0 writes the file."""
     tokenizer = formatter.tokenizer
-    harmful_answers = generate_greedy(
-        model, tokenizer, [formatter.prompt(p) for p in harmful_prompts],
-        harmful_max_new_tokens, batch_size, desc=f"{tag} harmful prompts".strip(),
-    )
-    verdicts = judge.judge_all(harmful_prompts, harmful_answers)
+
+    def answer_and_judge(prompts: list[str], max_new_tokens: int, what: str, judged: Callable[[int], str]):
+        def on_shard(indices: list[int]) -> list[tuple]:
+            answers = generate_greedy(model, tokenizer, [prompts[i] for i in indices], max_new_tokens, batch_size,
+                                      desc=f"{tag} {what}".strip())
+            verdicts = judge.judge_all([judged(i) for i in indices], answers)
+            return list(zip(answers, verdicts))
+        return map_shards(list(range(len(prompts))), on_shard)
+
+    harmful = answer_and_judge([formatter.prompt(p) for p in harmful_prompts], harmful_max_new_tokens,
+                               "harmful prompts", lambda i: harmful_prompts[i])
+    harmful_answers = [a for a, _ in harmful]
+    verdicts = [v for _, v in harmful]
 
     examples = task.test[:n_task]
-    task_answers = generate_greedy(
-        model, tokenizer, [formatter.prompt(e.instruction, e.input) for e in examples],
-        task_max_new_tokens, batch_size, desc=f"{tag} task".strip(),
-    )
+    task_outputs = answer_and_judge([formatter.prompt(e.instruction, e.input) for e in examples],
+                                    task_max_new_tokens, "task", lambda i: examples[i].input)
+    task_answers = [a for a, _ in task_outputs]
     correct = [task.is_correct(a, e) for a, e in zip(task_answers, examples)]
-    # over-refusal: benign task questions answered with a refusal
-    task_refused = [v.refused for v in judge.judge_all([e.input for e in examples], task_answers)]
+    task_refused = [v.refused for _, v in task_outputs]  # over-refusal: benign questions refused
 
     metrics = {
         "harmful_score": 100.0 * sum(v.harmful for v in verdicts) / len(verdicts),
@@ -46,7 +58,7 @@ def evaluate_model(model, formatter: PromptFormatter, harmful_prompts: list[str]
         "n_task_eval": len(examples),
         "judge": judge.name,
     }
-    if generations_path is not None:
+    if generations_path is not None and is_main():
         rows = [
             {"kind": "harmful", "prompt": p, "output": a, **v.as_dict()}
             for p, a, v in zip(harmful_prompts, harmful_answers, verdicts)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.distributed import is_main
 from pipeline.figures import new_figure, save_figure, write_csv
 from pipeline.models import trainable
 from pipeline.validation import InputError
@@ -30,7 +31,8 @@ class AddPanaceaEpsilon:
         with torch.no_grad():
             for name, e in epsilon.items():
                 params[name].add_(e.to(params[name].device, params[name].dtype))
-        write_layer_norms(epsilon, exp.run_dir, name="epsilon", logger=exp.finetune_module.logger)
+        if is_main():
+            write_layer_norms(epsilon, exp.run_dir, name="epsilon", logger=exp.finetune_module.logger)
 
 
 class AddGaussianNoise:

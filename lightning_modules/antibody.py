@@ -10,8 +10,10 @@ batch whose prompts are also paired with a generic refusal):
 Four forward-backward passes per step (the reference takes five and a copy of the model).
 
 Fine-tuning: r_i = meanNLL(refusal | x_i) − meanNLL(y_i | x_i) under no_grad with the current
-model, w = softmax(r/τ) over the batch on each process (the reference's per-device semantics),
-loss = Σ_i w_i Σ_t CE_it / Σ_i w_i N_i. The NLL of y_i is read (detached) from the forward pass
+model, w = softmax(r/τ) over the batch, loss = Σ_i w_i Σ_t CE_it / Σ_i w_i N_i. Under several
+processes "the batch" is the global batch by default (`softmax_over: global`: the same weights and
+update as one process on the same samples); `softmax_over: process` is the reference code's
+per-device softmax and per-device loss, averaged by DDP. The NLL of y_i is read (detached) from the forward pass
 that also gives the gradient, the same number as a separate no_grad pass, one pass cheaper.
 `is_harmful` is read for logging and diagnostics only, never for the weights.
 """
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from torchmetrics.functional.classification import binary_auroc
 
 from datamodules.cycling import to_device
@@ -32,6 +35,7 @@ from pipeline.models import trainable
 from pipeline.validation import InputError
 
 LAMBDA_RULES = ("cosine", "theorem")
+SOFTMAX_SCOPES = ("global", "process")
 
 
 def cosine_lambda(cos_A_S: torch.Tensor, eta: float) -> torch.Tensor:
@@ -152,22 +156,31 @@ def sample_weights(scores: torch.Tensor, tau: float) -> torch.Tensor:
     return torch.softmax(scores.detach().float() / tau, dim=0)
 
 
-def weighted_answer_loss(nll_sum: torch.Tensor, count: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Σ_i w_i Σ_t CE_it / Σ_i w_i N_i; with equal weights, the plain mean over answer tokens."""
-    return (weights * nll_sum).sum() / (weights * count.float()).sum().clamp(min=1e-12)
+def weighted_answer_loss(nll_sum: torch.Tensor, count: torch.Tensor, weights: torch.Tensor,
+                         denominator: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_i w_i Σ_t CE_it / Σ_i w_i N_i; with equal weights, the plain mean over answer tokens.
+    denominator: Σ_i w_i N_i when it runs over more samples than these (the global batch)."""
+    if denominator is None:
+        denominator = (weights * count.float()).sum()
+    return (weights * nll_sum).sum() / denominator.clamp(min=1e-12)
 
 
 class WeightedSFTModule(CausalLMModule):
     """tau: temperature τ of the softmax over the per-sample scores r (reference 1.0).
+    softmax_over: global (the softmax and the loss's denominator over the global batch of all
+    processes) | process (each process's own shard, the reference's multi-GPU behaviour).
     score_batch_size: batch size of the no_grad scoring of the whole user set before and after
     fine-tuning (diagnostics only)."""
 
     def __init__(self, model: torch.nn.Module, optimizer: Callable, scheduler: Callable | None = None,
-                 tau: float = 1.0, score_batch_size: int = 16):
+                 tau: float = 1.0, softmax_over: str = "global", score_batch_size: int = 16):
         super().__init__(model, optimizer, scheduler)
         if tau <= 0:
             raise InputError(f"antibody tau={tau} must be > 0")
+        if softmax_over not in SOFTMAX_SCOPES:
+            raise InputError(f"antibody softmax_over={softmax_over!r} is not one of {SOFTMAX_SCOPES}")
         self.tau = tau
+        self.softmax_over = softmax_over
         self.score_batch_size = score_batch_size
         self.step_records: list[dict] = []
         self.scores_before: list[dict] = []
@@ -187,15 +200,14 @@ class WeightedSFTModule(CausalLMModule):
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         nll_sum, count = answer_token_nll(logits, batch["labels"])
         scores = refusal_nll - (nll_sum / count.clamp(min=1)).detach()
-        weights = sample_weights(scores, self.tau)
-        loss = weighted_answer_loss(nll_sum, count, weights)
+        weights, bs = self.batch_weights(scores)
+        loss = weighted_answer_loss(nll_sum, count, weights, denominator=self.weighted_token_count(weights, count))
 
         harmful = batch["is_harmful"].bool()
         for index, is_harmful, score, weight in zip(batch["index"].tolist(), harmful.tolist(),
                                                     scores.tolist(), weights.tolist()):
             self.step_records.append({"step": self.global_step, "index": index, "is_harmful": is_harmful,
-                                      "score": score, "weight": weight, "batch_size": len(weights)})
-        bs = len(weights)
+                                      "score": score, "weight": weight, "batch_size": bs})
         metrics = {"train/unweighted_loss": (nll_sum.sum() / count.sum().clamp(min=1)).detach()}
         if harmful.any():  # weight relative to uniform (1 = the weight plain SFT gives)
             metrics["train/harmful_relative_weight"] = weights[harmful].mean() * bs
@@ -203,7 +215,27 @@ class WeightedSFTModule(CausalLMModule):
             metrics["train/benign_relative_weight"] = weights[~harmful].mean() * bs
         self.log_dict(metrics, batch_size=bs)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        if self.global_softmax():  # DDP/FSDP average the processes' gradients; this loss's
+            loss = loss * self.trainer.world_size  # denominator already runs over all of them
         return loss
+
+    # --- the batch the softmax runs over -----------------------------------------------------------
+    def global_softmax(self) -> bool:
+        return self.softmax_over == "global" and self._trainer is not None and self.trainer.world_size > 1
+
+    def batch_weights(self, scores: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """This process's samples' weights, and the size of the batch they are a softmax over."""
+        if not self.global_softmax():
+            return sample_weights(scores, self.tau), scores.numel()
+        everyone = self.all_gather(scores.detach())  # [world, B]: the sampler gives equal shards
+        weights = sample_weights(everyone.reshape(-1), self.tau).view_as(everyone)
+        return weights[self.trainer.global_rank], everyone.numel()
+
+    def weighted_token_count(self, weights: torch.Tensor, count: torch.Tensor) -> torch.Tensor | None:
+        """Σ_i w_i N_i over the global batch (None: over this process's batch)."""
+        if not self.global_softmax():
+            return None
+        return self.trainer.strategy.reduce((weights * count.float()).sum(), reduce_op="sum")
 
     # --- diagnostics: r over the whole user set before and after fine-tuning ---------------------
     def score_user_set(self) -> list[dict]:
@@ -226,6 +258,11 @@ class WeightedSFTModule(CausalLMModule):
 
     def on_train_end(self) -> None:
         self.scores_after = self.score_user_set()
+        if self._trainer is not None and self.trainer.world_size > 1:  # every process's records
+            gathered = [None] * self.trainer.world_size
+            dist.all_gather_object(gathered, self.step_records)
+            self.step_records = sorted((r for records in gathered for r in records),
+                                       key=lambda r: (r["step"], r["index"]))
 
     def write_diagnostics(self, folder: Path) -> dict:
         """antibody_scores.csv/.png: r of benign vs harmful samples before and after fine-tuning;

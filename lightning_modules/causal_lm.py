@@ -11,6 +11,8 @@ from typing import Callable
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from datamodules.cycling import CyclingBatches
 from datamodules.formatting import IGNORE_INDEX
@@ -56,6 +58,25 @@ class CausalLMModule(L.LightningModule):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(trainable(self.model).values())
 
+    def configure_model(self) -> None:
+        """Under Lightning's ModelParallelStrategy (trainer=fsdp / fsdp_cpu): FSDP2 `fully_shard`
+        on every transformer block (the model's `_no_split_modules`), then on the whole model,
+        over the data-parallel mesh. Each rank then holds one shard of every parameter and
+        gradient (DTensors); lightning_modules/gradients.py all-reduces the global quantities."""
+        if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return
+        if isinstance(self.model, FSDPModule):  # sharded by an earlier fit
+            return
+        if self.device_mesh["tensor_parallel"].size() > 1:
+            raise InputError("tensor parallelism is not supported: set tensor_parallel_size: 1 in the "
+                             "trainer's ModelParallelStrategy (the defenses shard data-parallel only)")
+        mesh = self.device_mesh["data_parallel"]
+        blocks = set(getattr(self.model, "_no_split_modules", None) or [])
+        for module in self.model.modules():
+            if type(module).__name__ in blocks:
+                fully_shard(module, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
     def batch_loss(self, batch: dict) -> torch.Tensor:
         """Mean cross-entropy over the answer tokens of the (global) batch."""
         logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -63,8 +84,8 @@ class CausalLMModule(L.LightningModule):
         return nll_sum.sum() / self.tokens_per_process(count.sum())
 
     def tokens_per_process(self, count: torch.Tensor) -> torch.Tensor:
-        """This process's answer-token count, or under DDP the mean count over processes: DDP
-        averages gradients over processes, so dividing each process's token sum by the mean count
+        """This process's answer-token count, or under DDP/FSDP the mean count over processes: both
+        average gradients over processes, so dividing each process's token sum by the mean count
         makes the averaged gradient that of the mean over ALL tokens of the global batch, exactly
         what one process computes on the same global batch (not a mean of per-process means)."""
         count = count.float()

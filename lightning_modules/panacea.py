@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from lightning_modules.causal_lm import DefenderBatchesModule
-from lightning_modules.gradients import global_norm
+from lightning_modules.gradients import full, global_norm
 from pipeline.models import trainable
 
 
@@ -73,9 +73,13 @@ class PanaceaModule(DefenderBatchesModule):
                        "train/harmful_grad_norm": h_norm}, prog_bar=True, batch_size=bs)
 
     # --- ε and the harmful-batch position are state -----------------------------------------------
+    def on_train_end(self) -> None:
+        """Under FSDP each rank holds a shard of ε: the post stage adds the whole of it."""
+        self.epsilon = {n: full(e) for n, e in self.epsilon.items()}
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["panacea_epsilon"] = {k: v.cpu() for k, v in self.epsilon.items()}
+        checkpoint["panacea_epsilon"] = {k: full(v).cpu() for k, v in self.epsilon.items()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)

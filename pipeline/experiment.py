@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.fsdp import FSDPModule
 
 from callbacks.evaluation import EVAL_VERSION
 from datamodules.benign import benign_instructions
@@ -18,12 +21,15 @@ from datamodules.formatting import PromptFormatter
 from datamodules.harmful import build_harmful_splits
 from datamodules.refusals import REFUSALS
 from datamodules.sft import SFTDataModule, check_poison_counts
+from lightning_modules.gradients import full
 from pipeline.cache import StageCache, config_key
+from pipeline.distributed import broadcast, is_main, lightning_strategy, map_shards
 from pipeline.generation import generate_greedy
-from pipeline.models import add_lora
+from pipeline.models import add_lora, trainable
 from pipeline.tracking import Tracker
 
 log = logging.getLogger("run")
+T = TypeVar("T")
 
 
 def plain(node) -> dict:
@@ -60,7 +66,7 @@ class Experiment:
             base, self.tokenizer = instantiate(cfg.model.loader)
             lora = cfg.model.lora
             self.model = add_lora(base, lora.r, lora.alpha, lora.dropout, list(lora.target_modules),
-                                  seed=cfg.align.seed)
+                                  seed=cfg.align.seed).to(self.device)
             self.formatter = PromptFormatter(self.tokenizer, cfg.model.template, cfg.model.max_length)
 
     # --- cache keys -------------------------------------------------------------------------
@@ -91,18 +97,38 @@ class Experiment:
                    for instruction, text in benign_instructions(d.n_retain, d.split_seed)]
         key = config_key({"model": plain(self.cfg.model), "prompts": prompts,
                           "max_new_tokens": d.retain_max_new_tokens})
-        entry = self.cache.lookup("retain", key)
-        if entry is None:
-            def write(folder: Path) -> None:
-                with self.timed("retain_generation"):
-                    answers, finished = generate_greedy(
-                        self.model, self.tokenizer, prompts, d.retain_max_new_tokens,
-                        self.cfg.eval.batch_size, desc="retain answers (base model)", with_finished=True)
-                samples = [{"prompt": p, "answer": a, "is_harmful": False, "add_eos": f}
-                           for p, a, f in zip(prompts, answers, finished)]
-                (folder / "samples.json").write_text(json.dumps(samples, indent=1))
-            entry = self.cache.store("retain", key, write, meta={"n": len(prompts)})
+
+        def generate(shard: list[str]) -> list[tuple[str, bool]]:
+            answers, finished = generate_greedy(self.model, self.tokenizer, shard, d.retain_max_new_tokens,
+                                                self.cfg.eval.batch_size, desc="retain answers (base model)",
+                                                with_finished=True)
+            return list(zip(answers, finished))
+
+        def compute() -> list[dict]:
+            with self.timed("retain_generation"):
+                answered = map_shards(prompts, generate)
+            return [{"prompt": p, "answer": a, "is_harmful": False, "add_eos": f}
+                    for p, (a, f) in zip(prompts, answered)]
+
+        def write(folder: Path, samples: list[dict]) -> None:
+            (folder / "samples.json").write_text(json.dumps(samples, indent=1))
+        entry = self.cached("retain", key, compute, write, meta={"n": len(prompts)})
         return json.loads((entry / "samples.json").read_text())
+
+    def cached(self, stage: str, key: str, compute: Callable[[], T], write: Callable[[Path, T], None],
+               meta: dict | Callable[[], dict]) -> Path:
+        """The cache entry (stage, key), looked up, or made: `compute()` runs on EVERY process (it may
+        train or generate together), `write(folder, computed)` on rank 0, which also holds the
+        entry's file lock throughout, so that parallel grid points build it once."""
+        with self.cache.lock(stage, key) if is_main() else nullcontext():
+            entry = broadcast(self.cache.lookup(stage, key))
+            if entry is None:
+                computed = compute()
+                if is_main():
+                    entry = self.cache.store(stage, key, lambda folder: write(folder, computed),
+                                             meta=meta() if callable(meta) else meta)
+                entry = broadcast(entry)
+        return entry
 
     # --- training -----------------------------------------------------------------------------
     def datamodule(self, samples: list[dict], stage_cfg: DictConfig) -> SFTDataModule:
@@ -118,13 +144,34 @@ class Experiment:
         L.seed_everything(stage_cfg.seed, workers=True, verbose=False)
         logger = self.tracker.stage_logger(stage)
         trainer = L.Trainer(
-            **plain(self.cfg.trainer), max_epochs=stage_cfg.epochs, logger=logger,
+            **{**plain(self.cfg.trainer), "strategy": lightning_strategy(self.cfg.trainer)},
+            max_epochs=stage_cfg.epochs, logger=logger,
             precision=self.cfg.model.precision, default_root_dir=str(self.run_dir / stage),
         )
         self.model.train()
         with self.timed(stage):
             trainer.fit(module, datamodule=datamodule)
+        if isinstance(self.model, FSDPModule):
+            self.unshard_model()
+        self.model.to(self.device)  # Lightning moves the model to the CPU when a fit ends
         self.model.eval()
+
+    def unshard_model(self) -> None:
+        """After an FSDP fit every process holds shards of every weight: the trained adapter is
+        gathered and the plain model rebuilt around it (base weights reloaded) for what follows."""
+        adapter = {n: full(p).detach().cpu() for n, p in trainable(self.model).items()}
+        self.load_model()
+        params = trainable(self.model)
+        with torch.no_grad():
+            for name, value in adapter.items():
+                params[name].copy_(value)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model generates: this process's GPU with a GPU trainer, else the CPU."""
+        if self.cfg.trainer.get("accelerator") in ("gpu", "cuda") and torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
     @contextmanager
     def timed(self, name: str):

@@ -54,29 +54,69 @@ def offline_splits():
 
 
 class RecordRank(L.Callback):
-    """Saves, per rank, the sample indices of every batch (user and defender) and the module's
-    state after training, for comparison across ranks and against one process."""
+    """Saves, per rank, the sample indices of every batch (user and defender), the module's state
+    after training (`attrs`), the logged metrics and the trainable weights (whole tensors, also
+    under FSDP), for comparison across ranks and against one process."""
 
     def __init__(self, out_dir, attrs=("epsilon",)):
-        self.out_dir, self.attrs = out_dir, attrs
+        self.out_dir, self.attrs = Path(out_dir), attrs
         self.user, self.harmful = [], []
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         self.user.append(batch["index"].tolist())
-        if not getattr(module.harmful, "recorded", False):
-            draw = module.harmful.next
+        harmful = getattr(module, "harmful", None)
+        if harmful is not None and not getattr(harmful, "recorded", False):
+            draw = harmful.next
 
             def recorded_draw(device):
                 drawn = draw(device)
                 self.harmful.append(drawn["index"].tolist())
                 return drawn
-            module.harmful.next, module.harmful.recorded = recorded_draw, True
+            harmful.next, harmful.recorded = recorded_draw, True
 
     def on_train_end(self, trainer, module):
-        state = {a: getattr(module, a) for a in self.attrs}
-        params = {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
-        torch.save({"user": self.user, "harmful": self.harmful, "params": params, **state},
+        from lightning_modules.gradients import full
+
+        def whole(value):
+            if isinstance(value, dict):
+                return {k: whole(v) for k, v in value.items()}
+            return full(value).detach().clone() if isinstance(value, torch.Tensor) else value
+        state = {a: whole(getattr(module, a)) for a in self.attrs}
+        params = {n: whole(p) for n, p in module.model.named_parameters() if p.requires_grad}
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        torch.save({"user": self.user, "harmful": self.harmful, "params": params, "metrics": metrics, **state},
                    self.out_dir / f"rank{trainer.global_rank}.pt")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _one_of_two_processes(rank, port, build, strategy, out_dir, attrs):
+    """A process started from outside Lightning (as torchrun or SLURM would start it): Lightning
+    reads its rank from the environment and launches nothing."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
+                      LOCAL_RANK=str(rank), RANK=str(rank))
+    torch.set_num_threads(1)
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    module, dm = build()
+    chosen = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if strategy == "fsdp" else "ddp"
+    fit_steps(module, dm, 1, devices=2, strategy=chosen, callbacks=[RecordRank(out_dir, attrs)])
+
+
+def fit_two_processes(build, strategy: str, out_dir, attrs=()) -> list[dict]:
+    """One optimizer step of `build()` -> (module, datamodule) in 2 CPU processes (gloo) under
+    strategy "ddp" or "fsdp" (FSDP2 fully_shard through Lightning's ModelParallelStrategy);
+    returns each rank's RecordRank record. `build` must be picklable (a module-level function)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_one_of_two_processes, args=(_free_port(), build, strategy, out_dir, attrs), nprocs=2)
+    return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 
 class Pair:

@@ -13,7 +13,7 @@ from datamodules.sft import SFTDataModule
 from lightning_modules.causal_lm import answer_loss
 from lightning_modules.gradients import global_norm
 from lightning_modules.panacea import PanaceaModule
-from conftest import Pair, RecordRank, tiny_lora
+from conftest import Pair, tiny_lora
 from conftest import fit_steps as fit
 
 RHO, LAM, CLAMP = 0.5, 0.5, None
@@ -164,39 +164,3 @@ def test_resumed_run_applies_the_same_epsilon(tiny_formatter, tmp_path):
         torch.testing.assert_close(module_c.epsilon[name], eps, rtol=1e-4, atol=1e-6)
     for (name, a), (_, c) in zip(model_a.named_parameters(), model_c.named_parameters()):
         torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-6, msg=name)
-
-
-def test_ddp_two_processes_give_the_single_process_step_and_epsilon(tiny_formatter, tmp_path):
-    """2 CPU processes (gloo, ddp_spawn), each with half of a global batch of 4 user and 4 defender
-    samples whose answers differ in length: ε is identical on both ranks, and ε and the update
-    equal one process's on the whole global batch (the mean over all its answer tokens)."""
-    model, dm, module = setup(tiny_formatter, n_defender=4, harmful_batch_size=2, batch_size=2)
-    dm.samples = [{**s, "answer": "positive" + " really" * i} for i, s in enumerate(dm.samples)]
-    dm.defender_pairs = [Pair(p.prompt, p.answer + " more" * (3 * i)) for i, p in enumerate(dm.defender_pairs)]
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", devices=2, strategy="ddp_spawn", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[RecordRank(tmp_path)])
-    trainer.fit(module, datamodule=dm)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
-
-    for name in ranks[0]["epsilon"]:
-        assert torch.equal(ranks[0]["epsilon"][name], ranks[1]["epsilon"][name]), name
-        assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), name
-    user = ranks[0]["user"][0] + ranks[1]["user"][0]
-    harmful = ranks[0]["harmful"][0] + ranks[1]["harmful"][0]
-    assert sorted(user) == [0, 1, 2, 3] and sorted(harmful) == [0, 1, 2, 3]  # disjoint shards
-
-    dm.refusal_view = False
-    user_batch = dm._collate([dm.encoded()[i] for i in user])
-    harmful_batch = collate([tiny_formatter.encode(tiny_formatter.prompt(dm.defender_pairs[i].prompt),
-                                                   dm.defender_pairs[i].answer) for i in harmful],
-                            pad_id=tiny_formatter.tokenizer.pad_token_id)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if p.requires_grad:
-                p.copy_(before[n])
-    expected_grad, expected_eps = independent_update(model, user_batch, harmful_batch, CLAMP)
-    for name, eps in expected_eps.items():
-        torch.testing.assert_close(ranks[0]["epsilon"][name], eps, rtol=1e-4, atol=1e-7)
-        torch.testing.assert_close(before[name] - ranks[0]["params"][name], expected_grad[name], rtol=1e-4, atol=1e-6)

@@ -81,6 +81,12 @@ def test_slurm_launcher_config_has_partition_gpus_and_time():
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 4, 60)
 
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):  # multi-node: SLURM starts the processes
+        cfg = compose("config", overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=8",
+                                           "trainer.num_nodes=4"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert (launcher.tasks_per_node, launcher.gpus_per_node, launcher.nodes) == (8, 8, 4)
+
 
 def test_expected_grid_combines_experiment_params_and_command_line(tmp_path):
     from pipeline.sweep_report import collect, expected_grid
