@@ -189,6 +189,8 @@ def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
+        if not multirun:  # (a grid point's bad config is recorded as its failure instead)
+            validate_config(cfg)  # before any process is started
         distributed.start(cfg.trainer, multirun)  # several processes: all of them run what follows
         if multirun:
             return run_grid_point(cfg, run_dir)

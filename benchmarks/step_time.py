@@ -39,6 +39,11 @@ MEMORY_TARGET = {"antibody_align": 1.10}  # peak memory within 10% of SFT's: no 
 
 
 def measure(defense: str, args, queue) -> None:
+    queue.put((defense, *time_steps(defense, args)))
+
+
+def time_steps(defense: str, args, **trainer_kwargs) -> tuple[float, float]:
+    """(median step time after warm-up, peak RSS in training) of `defense` in this process."""
     import importlib
 
     import lightning as L
@@ -77,10 +82,10 @@ def measure(defense: str, args, queue) -> None:
 
     trainer = L.Trainer(max_steps=args.warmup + args.steps, accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[Timer()])
+                        enable_model_summary=False, callbacks=[Timer()], **trainer_kwargs)
     reset_peak_rss()  # the peak of training, not of loading the model (GGUF dequantization)
     trainer.fit(module, datamodule=dm)
-    queue.put((defense, statistics.median(times[args.warmup:]), peak_rss_mib()))
+    return statistics.median(times[args.warmup:]), peak_rss_mib()
 
 
 def reset_peak_rss() -> None:
@@ -98,7 +103,7 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -107,8 +112,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--reps", type=int, default=2, help="processes per defense, interleaved")
     parser.add_argument("--defenses", nargs="+", default=list(DEFENSES), choices=list(DEFENSES))
-    args = parser.parse_args()
+    return parser
 
+
+def step_table(args) -> list[str]:
+    """The Markdown table of every defense's step time and peak RSS relative to SFT."""
     ctx = mp.get_context("spawn")
     results: dict[str, list[tuple[float, float]]] = {d: [] for d in args.defenses}
     for _ in range(args.reps):
@@ -122,16 +130,20 @@ def main() -> None:
 
     sft_step = statistics.median(s for s, _ in results["sft"])
     sft_peak = statistics.median(p for _, p in results["sft"])
-    print(f"\nmodel={args.model} batch={args.batch_size}x{args.seq_len} steps={args.steps} reps={args.reps}\n")
-    print("| defense | step time (s, median) | ratio vs SFT | floor (passes) | target | peak RSS in training (MiB) "
-          "| ratio vs SFT | target |")
-    print("|---|---|---|---|---|---|---|---|")
+    lines = [f"model={args.model} batch={args.batch_size}x{args.seq_len} steps={args.steps} reps={args.reps}", "",
+             "| defense | step time (s, median) | ratio vs SFT | floor (passes) | target | peak RSS in training (MiB) "
+             "| ratio vs SFT | target |", "|---|---|---|---|---|---|---|---|"]
     for defense, rows in results.items():
         step = statistics.median(s for s, _ in rows)
         peak = statistics.median(p for _, p in rows)
-        print(f"| {defense} | {step:.2f} | {step / sft_step:.2f}x | {FLOOR[defense]} | "
-              f"{verdict(step / sft_step, TARGET[defense])} | {peak:.0f} | {peak / sft_peak:.2f}x | "
-              f"{verdict(peak / sft_peak, MEMORY_TARGET.get(defense))} |")
+        lines.append(f"| {defense} | {step:.2f} | {step / sft_step:.2f}x | {FLOOR[defense]} | "
+                     f"{verdict(step / sft_step, TARGET[defense])} | {peak:.0f} | {peak / sft_peak:.2f}x | "
+                     f"{verdict(peak / sft_peak, MEMORY_TARGET.get(defense))} |")
+    return lines
+
+
+def main() -> None:
+    print("\n" + "\n".join(step_table(parser().parse_args())))
 
 
 def verdict(ratio: float, target: float | None) -> str:

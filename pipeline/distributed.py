@@ -107,6 +107,8 @@ def start(trainer_cfg, multirun: bool) -> None:
                          f"= trainer.devices, nodes = trainer.num_nodes)")
     gpu = trainer_cfg.get("accelerator") in ("gpu", "cuda")
     if gpu:
+        if not torch.cuda.is_available():
+            raise InputError("the trainer asks for GPUs but none is visible: use trainer=cpu, ddp_cpu or fsdp_cpu")
         torch.cuda.set_device(env.local_rank())
     else:  # the node's cores shared among its processes, not each process using all of them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))

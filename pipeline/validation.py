@@ -57,6 +57,14 @@ def config_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"eval.n_task={cfg.eval.n_task} exceeds task.n_test={cfg.task.n_test}")
     if cfg.model.template not in TEMPLATES:
         problems.append(f"model.template={cfg.model.template!r} must be one of {list(TEMPLATES)}")
+    if cfg.trainer.get("accelerator") in ("gpu", "cuda"):
+        import torch
+
+        devices = cfg.trainer.get("devices", 1)
+        if not torch.cuda.is_available():
+            problems.append("the trainer asks for GPUs but none is visible: use trainer=cpu, ddp_cpu or fsdp_cpu")
+        elif isinstance(devices, int) and devices > torch.cuda.device_count():
+            problems.append(f"trainer.devices={devices} but this node has {torch.cuda.device_count()} GPUs")
     return problems
 
 

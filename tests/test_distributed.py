@@ -282,3 +282,12 @@ def test_process_settings_that_cannot_work_are_refused_before_any_work(tiny_cfg,
     assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (2, 1)
     distributed.start(tiny_cfg().trainer, multirun=True)  # one process: nothing to start
     assert not torch.distributed.is_initialized()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without GPUs")
+def test_gpu_trainer_without_gpu_is_refused_before_any_work(tiny_cfg):
+    from pipeline.validation import ConfigError, validate_config
+
+    for trainer in ("gpu", "ddp", "fsdp"):
+        with pytest.raises(ConfigError, match="use trainer=cpu, ddp_cpu or fsdp_cpu"):
+            validate_config(tiny_cfg(f"trainer={trainer}"))
