@@ -17,7 +17,7 @@ from pipeline.io import atomic_write_text
 log = logging.getLogger(__name__)
 
 # Bump when what evaluate_model computes changes: cached evaluations of aligned models are keyed by it.
-EVAL_VERSION = 2
+EVAL_VERSION = 3
 
 
 def evaluate_model(model, formatter: PromptFormatter, harmful_prompts: list[str], task: Task, judge,
@@ -29,22 +29,24 @@ def evaluate_model(model, formatter: PromptFormatter, harmful_prompts: list[str]
     rank 0 writes the file."""
     tokenizer = formatter.tokenizer
 
-    def answer_and_judge(prompts: list[str], max_new_tokens: int, what: str, judged: Callable[[int], str]):
+    def answer_and_judge(prompts: list[str], max_new_tokens: int, what: str, judged: Callable[[int], str],
+                         judge_all: Callable):
         def on_shard(indices: list[int]) -> list[tuple]:
             answers = generate_greedy(model, tokenizer, [prompts[i] for i in indices], max_new_tokens, batch_size,
                                       desc=f"{tag} {what}".strip())
-            verdicts = judge.judge_all([judged(i) for i in indices], answers)
+            verdicts = judge_all([judged(i) for i in indices], answers)
             return list(zip(answers, verdicts))
         return map_shards(list(range(len(prompts))), on_shard)
 
     harmful = answer_and_judge([formatter.prompt(p) for p in harmful_prompts], harmful_max_new_tokens,
-                               "harmful prompts", lambda i: harmful_prompts[i])
+                               "harmful prompts", lambda i: harmful_prompts[i], judge.judge_all)
     harmful_answers = [a for a, _ in harmful]
     verdicts = [v for _, v in harmful]
 
     examples = task.test[:n_task]
     task_outputs = answer_and_judge([formatter.prompt(e.instruction, e.input) for e in examples],
-                                    task_max_new_tokens, "task", lambda i: examples[i].input)
+                                    task_max_new_tokens, "task", lambda i: examples[i].input or examples[i].instruction,
+                                    getattr(judge, "judge_refusals", judge.judge_all))  # a moderation model is not needed
     task_answers = [a for a, _ in task_outputs]
     correct = [task.is_correct(a, e) for a, e in zip(task_answers, examples)]
     task_refused = [v.refused for _, v in task_outputs]  # over-refusal: benign questions refused

@@ -92,11 +92,13 @@ class SFTDataModule(L.LightningDataModule):
 
 def alignment_samples(splits: HarmfulSplits, formatter: PromptFormatter,
                       retain: list[dict] = ()) -> list[dict]:
-    """Each alignment prompt paired with one of the project's refusals, plus the retain samples
-    (benign instruction -> the base model's own answer; see datamodules/benign.py)."""
+    """Each alignment prompt paired with its safe answer from the data (BeaverTails), else with
+    one of the project's refusals, plus the retain samples (benign instruction -> the base
+    model's own answer; see datamodules/benign.py)."""
+    answers = splits.align_answers or [refusal_for(i) for i in range(len(splits.align_prompts))]
     return [
-        {"prompt": formatter.prompt(p), "answer": refusal_for(i), "is_harmful": False}
-        for i, p in enumerate(splits.align_prompts)
+        {"prompt": formatter.prompt(p), "answer": a, "is_harmful": False}
+        for p, a in zip(splits.align_prompts, answers, strict=True)
     ] + list(retain)
 
 

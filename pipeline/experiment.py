@@ -18,7 +18,7 @@ from torch.distributed.fsdp import FSDPModule
 from callbacks.evaluation import EVAL_VERSION
 from datamodules.benign import benign_instructions
 from datamodules.formatting import PromptFormatter
-from datamodules.harmful import build_harmful_splits
+from datamodules.harmful import splits_from_config
 from datamodules.refusals import REFUSALS
 from datamodules.sft import SFTDataModule, check_poison_counts
 from lightning_modules.gradients import full
@@ -50,10 +50,7 @@ class Experiment:
         self.cache = StageCache(cfg.cache_dir)
         self.timings: dict[str, float] = {}
         self.task = build_task(cfg)
-        d = cfg.data
-        self.splits = build_harmful_splits(
-            d.harmful_pairs, plain(d.prompt_sources), d.n_defender, d.n_align, d.n_eval, d.split_seed
-        )
+        self.splits = splits_from_config(plain(cfg.data))
         self.n_harmful, self.n_benign = check_poison_counts(
             self.task, self.splits, cfg.finetune.n, cfg.harmful_ratio)
         self.model = self.tokenizer = self.formatter = None
@@ -75,6 +72,7 @@ class Experiment:
         alignment texts themselves (so an edit of the refusals or retain instructions counts)."""
         cfg = self.cfg
         texts = {"align_prompts": self.splits.align_prompts, "refusals": REFUSALS,
+                 **({"align_answers": self.splits.align_answers} if self.splits.align_answers else {}),
                  "defender": [(p.prompt, p.answer) for p in self.splits.defender_pairs],
                  "retain": benign_instructions(cfg.data.n_retain, cfg.data.split_seed)}
         return config_key({

@@ -4,6 +4,7 @@ import json
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -106,7 +107,25 @@ def test_experiment_files_compose_into_sweeps():
 
     from conftest import CONF
 
+    names = sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml"))
+    assert len(names) == 10
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        for name in ("panacea_ratios", "antibody_ablation", "antibody_ratios"):
+        for name in names:
             cfg = compose("config", overrides=[f"experiment={name}"], return_hydra_config=True)
             assert cfg.sweep_name == name and "defense" in cfg.hydra.sweeper.params
+            if "_paper_" in name:  # the papers' setting: hub data, model, judge and their recipe
+                assert (cfg.data.name, cfg.model.lora.r, cfg.model.lora.alpha, cfg.model.template) == (
+                    "beavertails", 32, 4, "alpaca")
+                assert cfg.judge._target_.endswith("BeaverDamJudge") and cfg.trainer.accelerator == "gpu"
+                assert (cfg.finetune.n, cfg.finetune.epochs, cfg.eval.harmful_max_new_tokens) == (1000, 20, 512)
+                assert cfg.finetune.optimizer.lr == (2e-5 if name.startswith("panacea") else 1e-5)
+        small = compose("config", overrides=["setting=panacea_paper", "model=qwen2_5_0_5b", "task=gsm8k"])
+        assert (small.model.loader.name, small.eval.n_task) == ("Qwen/Qwen2.5-0.5B", 1000)
+
+
+def test_hub_model_from_a_missing_local_folder_is_refused():
+    from pipeline.models import load_hub_model
+    from pipeline.validation import InputError
+
+    with pytest.raises(InputError, match="is not a folder"):
+        load_hub_model("meta-llama/Llama-2-7b-hf", path="/nonexistent/llama")
