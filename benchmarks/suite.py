@@ -18,7 +18,9 @@ Ratios are what to read: absolute times drift on a shared machine.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
 import socket
 import subprocess
 import sys
@@ -75,23 +77,32 @@ def sweep_rows(args) -> list[str]:
     if args.model == "tiny":
         overrides[0:1] = ["model=tiny", "data.retain_max_new_tokens=6"]
 
-    def point(cache: Path, ratio: str, out: Path) -> float:
+    def point(cache: Path, ratio: str, out: Path) -> tuple[float, float]:
+        """(wall time of the command, its stage seconds without process start and model load)."""
         start = time.perf_counter()
         subprocess.run([sys.executable, "run.py", *overrides, f"harmful_ratio={ratio}", f"cache_dir={cache}",
                         f"hydra.run.dir={out / ratio}"], cwd=ROOT, check=True, capture_output=True)
-        return time.perf_counter() - start
+        wall = time.perf_counter() - start
+        seconds = json.loads((out / ratio / "results.json").read_text())["seconds"]
+        return wall, sum(v for k, v in seconds.items() if k != "load_model")
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         cached = [point(tmp / "shared_cache", r, tmp / "cached") for r in SWEEP_RATIOS]
         realigned = [point(tmp / f"cache_{r}", r, tmp / "realigned") for r in SWEEP_RATIOS]
-    ratio = sum(realigned) / sum(cached)
+    wall = sum(w for w, _ in realigned) / sum(w for w, _ in cached)
+    stages = sum(s for _, s in realigned) / sum(s for _, s in cached)
+    fixed = statistics.median(w - s for w, s in cached + realigned)
     return [f"4 runs of run.py (harmful_ratio={','.join(SWEEP_RATIOS)}, defense=sft): alignment set "
-            f"{args.sweep_align} prompts, user set {args.sweep_align // 5}, 1 epoch each; per point (s): "
-            f"cached {', '.join(f'{t:.0f}' for t in cached)}; re-aligned {', '.join(f'{t:.0f}' for t in realigned)}", "",
-            "| 4-ratio sweep | wall time (s) | speed-up | target |", "|---|---|---|---|",
-            f"| re-aligning at every point | {sum(realigned):.0f} | 1.00x | - |",
-            f"| stage cache (align once) | {sum(cached):.0f} | {ratio:.2f}x | {verdict(ratio, SWEEP_TARGET)} |"]
+            f"{args.sweep_align} prompts, user set {args.sweep_align // 5}, 1 epoch each; wall time per point (s): "
+            f"cached {', '.join(f'{w:.0f}' for w, _ in cached)}; re-aligned {', '.join(f'{w:.0f}' for w, _ in realigned)}; "
+            f"fixed cost per command (process start, imports, model load; median): {fixed:.0f} s", "",
+            "| 4-ratio sweep | wall time (s) | speed-up | stage time (s) | speed-up | target (wall) |",
+            "|---|---|---|---|---|---|",
+            f"| re-aligning at every point | {sum(w for w, _ in realigned):.0f} | 1.00x | "
+            f"{sum(s for _, s in realigned):.0f} | 1.00x | - |",
+            f"| stage cache (align once) | {sum(w for w, _ in cached):.0f} | {wall:.2f}x | "
+            f"{sum(s for _, s in cached):.0f} | {stages:.2f}x | {verdict(wall, SWEEP_TARGET)} |"]
 
 
 def _ddp_worker(rank: int, world: int, port: int, args, out: Path) -> None:

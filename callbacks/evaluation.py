@@ -29,27 +29,31 @@ def evaluate_model(model, formatter: PromptFormatter, harmful_prompts: list[str]
     rank 0 writes the file."""
     tokenizer = formatter.tokenizer
 
-    def answer_and_judge(prompts: list[str], max_new_tokens: int, what: str, judged: Callable[[int], str],
-                         judge_all: Callable):
+    def answer_and_judge(prompts: list[str], max_new_tokens: int, what: str,
+                         judge_shard: Callable[[list[int], list[str]], list]) -> list[tuple]:
         def on_shard(indices: list[int]) -> list[tuple]:
             answers = generate_greedy(model, tokenizer, [prompts[i] for i in indices], max_new_tokens, batch_size,
                                       desc=f"{tag} {what}".strip())
-            verdicts = judge_all([judged(i) for i in indices], answers)
-            return list(zip(answers, verdicts))
+            return list(zip(answers, *judge_shard(indices, answers)))
         return map_shards(list(range(len(prompts))), on_shard)
 
     harmful = answer_and_judge([formatter.prompt(p) for p in harmful_prompts], harmful_max_new_tokens,
-                               "harmful prompts", lambda i: harmful_prompts[i], judge.judge_all)
+                               "harmful prompts",
+                               lambda idx, answers: [judge.judge_all([harmful_prompts[i] for i in idx], answers)])
     harmful_answers = [a for a, _ in harmful]
     verdicts = [v for _, v in harmful]
 
     examples = task.test[:n_task]
+    judge_refusals = getattr(judge, "judge_refusals", judge.judge_all)  # a moderation model is not needed here
+
+    def score_task(idx: list[int], answers: list[str]) -> list[list]:
+        shard = [examples[i] for i in idx]
+        return [task.score_all(answers, shard), judge_refusals([e.input or e.instruction for e in shard], answers)]
     task_outputs = answer_and_judge([formatter.prompt(e.instruction, e.input) for e in examples],
-                                    task_max_new_tokens, "task", lambda i: examples[i].input or examples[i].instruction,
-                                    getattr(judge, "judge_refusals", judge.judge_all))  # a moderation model is not needed
-    task_answers = [a for a, _ in task_outputs]
-    correct = [task.is_correct(a, e) for a, e in zip(task_answers, examples)]
-    task_refused = [v.refused for _, v in task_outputs]  # over-refusal: benign questions refused
+                                    task_max_new_tokens, "task", score_task)
+    task_answers = [a for a, _, _ in task_outputs]
+    correct = [c for _, c, _ in task_outputs]
+    task_refused = [v.refused for _, _, v in task_outputs]  # over-refusal: benign questions refused
 
     metrics = {
         "harmful_score": 100.0 * sum(v.harmful for v in verdicts) / len(verdicts),
@@ -65,7 +69,7 @@ def evaluate_model(model, formatter: PromptFormatter, harmful_prompts: list[str]
             {"kind": "harmful", "prompt": p, "output": a, **v.as_dict()}
             for p, a, v in zip(harmful_prompts, harmful_answers, verdicts)
         ] + [
-            {"kind": "task", "prompt": e.input, "output": a, "label": e.label,
+            {"kind": "task", "prompt": e.input, "instruction": e.instruction, "output": a, "label": e.label,
              "extracted": task.extract(a), "correct": c, "refused": r}
             for e, a, c, r in zip(examples, task_answers, correct, task_refused)
         ]

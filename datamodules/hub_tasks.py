@@ -118,3 +118,39 @@ class GSM8KTask(HubTask):
     def extract(self, output: str) -> str | None:
         number = gsm8k_number(output)
         return None if math.isinf(number) else repr(number)
+
+
+class AlpacaEvalTask(HubTask):
+    """AlpacaEval as the Antibody reference uses it: tatsu-lab/alpaca_eval (config alpaca_eval,
+    split eval: 805 instructions, each with a reference model's `output`). The first `n_train`
+    (700) are the user's benign samples (instruction -> reference output), the next `n_test`
+    (105) are evaluated; FA is the WIN RATE: the share of those on which `win_judge` prefers the
+    model's answer to the reference output (the reference uses GPT-4 through the alpaca_eval tool;
+    here any judge with `prefers(instructions, candidates, references)`, e.g. a reward model)."""
+
+    name = "alpaca_eval"
+    hub_name = "tatsu-lab/alpaca_eval"
+    hub_config = "alpaca_eval"
+    columns = ("instruction", "output")
+
+    def __init__(self, n_train: int = 700, n_test: int = 105, seed: int = 1234, path: str | None = None,
+                 win_judge=None):
+        if n_train < 1 or n_test < 1:
+            raise InputError(f"task.n_train and task.n_test must be >= 1 (got {n_train}, {n_test})")
+        if win_judge is None:
+            raise InputError("task=alpaca_eval needs task.win_judge (a judge of model answer vs reference output)")
+        rows = load_rows(self.hub_name, "eval", path, self.hub_config, self.columns)
+        if n_train + n_test > len(rows):
+            raise InputError(f"task.n_train + task.n_test = {n_train + n_test} but {self.hub_name} has {len(rows)} rows")
+        self.train = [self.example(r) for r in rows[:n_train]]
+        self.test = [self.example(r) for r in rows[n_train:n_train + n_test]]
+        self.seed, self.win_judge = seed, win_judge
+
+    def example(self, row: dict) -> TaskExample:
+        return TaskExample(row["instruction"], "", row["output"], row["output"])
+
+    def extract(self, output: str) -> str | None:
+        return output.strip()
+
+    def score_all(self, outputs: list[str], examples: list[TaskExample]) -> list[bool]:
+        return self.win_judge.prefers([e.instruction for e in examples], outputs, [e.answer for e in examples])

@@ -54,6 +54,10 @@ class Task:
     def is_correct(self, output: str, example: TaskExample) -> bool:
         return self.extract(output) == example.label
 
+    def score_all(self, outputs: list[str], examples: list[TaskExample]) -> list[bool]:
+        """FA's per-example decisions (a task judged by a model overrides this to batch it)."""
+        return [self.is_correct(o, e) for o, e in zip(outputs, examples)]
+
 
 class SentimentTask(Task):
     """SST2-like: short product/film reviews, answer 'positive' or 'negative'.

@@ -242,3 +242,20 @@ def test_agreement_of_hand_made_decisions():
                       "b": {"p1": True, "p2": True, "p3": False, "p4": False, "p5": True}})
     assert rows == [{"judge_a": "a", "judge_b": "b", "prompts": 4, "agreement": 0.5, "harmful_by_both": 1,
                      "harmful_only_a": 1, "harmful_only_b": 1}]
+
+
+def test_alpaca_eval_win_rate_with_a_stub_reward_model():
+    from datamodules.hub_tasks import AlpacaEvalTask
+    from pipeline.win_judges import RewardModelWinJudge
+
+    judge = RewardModelWinJudge(scorer=lambda instructions, answers: torch.tensor([float(len(a)) for a in answers]))
+    task = AlpacaEvalTask(n_train=8, n_test=3, path=str(HUB / "alpaca_eval_eval.jsonl"), win_judge=judge)
+    assert len(task.train) == 8 and task.test[0].instruction == "Write a short note about topic number 8."
+    assert task.train[0].answer == "Here is a short note about topic 0: it matters."
+    reference = task.test[0].answer
+    # longer than the reference wins under this stub; equal or shorter loses (a win must be strict)
+    assert task.score_all([reference + " More.", reference, "Short."], task.test) == [True, False, False]
+    with pytest.raises(InputError, match="has 12 rows"):
+        AlpacaEvalTask(n_train=10, n_test=3, path=str(HUB / "alpaca_eval_eval.jsonl"), win_judge=judge)
+    with pytest.raises(InputError, match="needs task.win_judge"):
+        AlpacaEvalTask(path=str(HUB / "alpaca_eval_eval.jsonl"))
