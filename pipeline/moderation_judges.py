@@ -66,9 +66,11 @@ class BeaverDamJudge:
                 self.source, dtype=getattr(torch, self.dtype)).to(_device()).eval()
         except OSError as err:
             raise _load_failed(self.source, err) from err
-        tokenizer.padding_side = "right"
+        tokenizer.padding_side = "right"  # the classifier reads the last non-pad token
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+        if model.config.pad_token_id is None:  # else a batch of several texts is refused
+            model.config.pad_token_id = tokenizer.pad_token_id
 
         @torch.no_grad()
         def classify(texts: list[str]) -> torch.Tensor:
