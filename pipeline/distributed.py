@@ -33,7 +33,6 @@ T = TypeVar("T")
 # How long a process waits in a collective for the others: ranks > 0 wait there while rank 0
 # holds a cache entry's lock, e.g. while another grid point trains the alignment they share.
 COLLECTIVE_TIMEOUT = timedelta(hours=6)
-LOCAL_STRATEGIES = ("ddp", "fsdp", "model_parallel")  # strategies that join processes started elsewhere
 
 
 def requested(trainer_cfg) -> tuple[int, int]:
@@ -94,6 +93,8 @@ def start(trainer_cfg, multirun: bool) -> None:
         if nodes > 1:
             raise InputError(f"trainer.num_nodes={nodes}: start the processes with SLURM (hydra/launcher=slurm, "
                              f"nodes = trainer.num_nodes) or torchrun on every node")
+        # Lightning's own launcher (private API): copies of this command with LOCAL_RANK set, the
+        # Hydra run dir pinned, and a watcher that stops all of them if one fails
         from lightning.fabric.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
         _SubprocessScriptLauncher(env, num_processes=per_node, num_nodes=1).launch(lambda: None)
