@@ -3,7 +3,6 @@ accuracy (FA) on the task's test examples; generations and verdicts are written 
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Callable
@@ -12,12 +11,23 @@ from datamodules.formatting import PromptFormatter
 from datamodules.tasks import Task
 from pipeline.distributed import is_main, map_shards
 from pipeline.generation import generate_greedy
-from pipeline.io import atomic_write_text
+from pipeline.io import write_jsonl
 
 log = logging.getLogger(__name__)
 
 # Bump when what evaluate_model computes changes: cached evaluations of aligned models are keyed by it.
 EVAL_VERSION = 3
+
+
+def judged_metrics(verdicts: list, task_refused: list[bool], judge_name: str) -> dict:
+    """What the judge decides: HS and HS+ over the harmful prompts' verdicts, the task refusal rate."""
+    return {
+        "harmful_score": 100.0 * sum(v.harmful for v in verdicts) / max(len(verdicts), 1),
+        "harmful_score_plus": 100.0 * sum(v.harmful_plus for v in verdicts) / max(len(verdicts), 1),
+        "task_refusal_rate": 100.0 * sum(task_refused) / max(len(task_refused), 1),
+        "n_eval_prompts": len(verdicts),
+        "judge": judge_name,
+    }
 
 
 def evaluate_model(model, formatter: PromptFormatter, harmful_prompts: list[str], task: Task, judge,
@@ -55,15 +65,8 @@ def evaluate_model(model, formatter: PromptFormatter, harmful_prompts: list[str]
     correct = [c for _, c, _ in task_outputs]
     task_refused = [v.refused for _, _, v in task_outputs]  # over-refusal: benign questions refused
 
-    metrics = {
-        "harmful_score": 100.0 * sum(v.harmful for v in verdicts) / len(verdicts),
-        "harmful_score_plus": 100.0 * sum(v.harmful_plus for v in verdicts) / len(verdicts),
-        "finetune_accuracy": 100.0 * sum(correct) / len(correct),
-        "task_refusal_rate": 100.0 * sum(task_refused) / len(task_refused),
-        "n_eval_prompts": len(harmful_prompts),
-        "n_task_eval": len(examples),
-        "judge": judge.name,
-    }
+    metrics = {**judged_metrics(verdicts, task_refused, judge.name),
+               "finetune_accuracy": 100.0 * sum(correct) / len(correct), "n_task_eval": len(examples)}
     if generations_path is not None and is_main():
         rows = [
             {"kind": "harmful", "prompt": p, "output": a, **v.as_dict()}
@@ -73,7 +76,7 @@ def evaluate_model(model, formatter: PromptFormatter, harmful_prompts: list[str]
              "extracted": task.extract(a), "correct": c, "refused": r}
             for e, a, c, r in zip(examples, task_answers, correct, task_refused)
         ]
-        atomic_write_text(generations_path, "".join(json.dumps(r) + "\n" for r in rows))
+        write_jsonl(generations_path, rows)
     log.info("%s HS=%.1f HS+=%.1f FA=%.1f task refusals=%.1f%%", tag, metrics["harmful_score"],
              metrics["harmful_score_plus"], metrics["finetune_accuracy"], metrics["task_refusal_rate"])
     return metrics

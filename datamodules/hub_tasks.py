@@ -46,7 +46,7 @@ class HubTask(Task):
                              f"set task.n_test <= {len(test)}")
         self.test = [self.example(row) for row in test[:n_test]]
         self.train = [self.example(row) for row in train[:n_train]]
-        self.seed = seed  # the poisoned set's draw from `train` is seeded by finetune.sample_seed
+        # `seed` is unused: the poisoned set's draw from `train` is seeded by finetune.sample_seed
 
     def example(self, row: dict) -> TaskExample:
         raise NotImplementedError
@@ -144,7 +144,7 @@ class AlpacaEvalTask(HubTask):
             raise InputError(f"task.n_train + task.n_test = {n_train + n_test} but {self.hub_name} has {len(rows)} rows")
         self.train = [self.example(r) for r in rows[:n_train]]
         self.test = [self.example(r) for r in rows[n_train:n_train + n_test]]
-        self.seed, self.win_judge = seed, win_judge
+        self.win_judge = win_judge
 
     def example(self, row: dict) -> TaskExample:
         return TaskExample(row["instruction"], "", row["output"], row["output"])

@@ -59,13 +59,6 @@ def lightning_strategy(trainer_cfg):
     return ModelParallelStrategy(data_parallel_size=per_node * nodes, tensor_parallel_size=1)
 
 
-def strategy_name(trainer_cfg) -> str:
-    strategy = trainer_cfg.get("strategy", "auto")
-    if isinstance(strategy, str):
-        return strategy
-    return str(strategy.get("_target_", "")).rsplit(".", 1)[-1].lower().replace("strategy", "") or "custom"
-
-
 def cluster_environment() -> ClusterEnvironment:
     for environment in (SLURMEnvironment, TorchElasticEnvironment):
         if environment.detect():
@@ -80,7 +73,7 @@ def start(trainer_cfg, multirun: bool) -> None:
     world = per_node * nodes
     if world == 1 or dist.is_initialized():
         return
-    name = strategy_name(trainer_cfg)
+    name = str(trainer_cfg.get("strategy", "auto"))
     if name.endswith("_spawn"):
         raise InputError(f"trainer.strategy={name} re-spawns processes that the pipeline already started: use "
                          f"trainer=ddp_cpu / ddp (strategy ddp) or trainer=fsdp_cpu / fsdp")

@@ -23,18 +23,10 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from pipeline.io import atomic_write_text
+from callbacks.evaluation import judged_metrics
+from pipeline.io import atomic_write_text, read_jsonl, write_jsonl
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def rejudge(run_dir: Path, judge) -> dict:
@@ -54,12 +46,7 @@ def rejudge(run_dir: Path, judge) -> dict:
         judged = [{**r, **v.as_dict(), "judge": judge.name} for r, v in zip(harmful, verdicts)] + \
                  [{**r, "refused": v.refused, "judge": judge.name} for r, v in zip(task, refusals)]
         write_jsonl(out_dir / path.name, judged)
-        metrics[tag] = {
-            "harmful_score": 100.0 * sum(v.harmful for v in verdicts) / max(len(verdicts), 1),
-            "harmful_score_plus": 100.0 * sum(v.harmful_plus for v in verdicts) / max(len(verdicts), 1),
-            "task_refusal_rate": 100.0 * sum(v.refused for v in refusals) / max(len(refusals), 1),
-            "n_eval_prompts": len(harmful), "judge": judge.name,
-        }
+        metrics[tag] = judged_metrics(verdicts, [v.refused for v in refusals], judge.name)
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     results_path = run_dir / "results.json"
     if results_path.is_file():

@@ -19,6 +19,8 @@ from pathlib import Path
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.io import read_jsonl
+
 log = logging.getLogger("run")
 
 
@@ -79,7 +81,7 @@ class WandbTracker(Tracker):
     def log_generations(self, path: Path, tag: str) -> None:
         import wandb
 
-        rows = [json.loads(line) for line in path.open()]
+        rows = read_jsonl(path)
         if not rows:
             return
         columns = sorted({k for row in rows for k in row}, key=lambda k: (k not in ("kind", "prompt", "output"), k))

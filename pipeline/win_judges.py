@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from pipeline.validation import InputError
+from pipeline.moderation_judges import judge_device, load_failed
 
 
 class RewardModelWinJudge:
@@ -32,10 +32,8 @@ class RewardModelWinJudge:
             tokenizer = AutoTokenizer.from_pretrained(self.source)
             model = AutoModelForSequenceClassification.from_pretrained(self.source).eval()
         except OSError as err:
-            raise InputError(f"could not load win-rate judge {self.source} ({err}). Offline? set HF_HOME to a cache "
-                             f"that holds it, or pass task.win_judge.path=<local folder>") from err
-        if torch.cuda.is_available():
-            model = model.cuda()
+            raise load_failed(self.source, err, path_key="task.win_judge.path") from err
+        model = model.to(judge_device())
 
         @torch.no_grad()
         def score(instructions: list[str], answers: list[str]) -> torch.Tensor:

@@ -208,6 +208,7 @@ def test_papers_data_and_task_configs_run_offline(tiny_cfg, tmp_path):
 # --- re-judging saved generations, agreement --------------------------------------------------------
 def test_rejudge_saved_generations_and_agreement(tmp_path):
     from pipeline import rejudge
+    from pipeline.io import read_jsonl
 
     run_dir = tmp_path / "run"
     proc = subprocess.run([sys.executable, "run.py", *TINY, f"cache_dir={tmp_path / 'cache'}", "defense=sft",
@@ -219,12 +220,12 @@ def test_rejudge_saved_generations_and_agreement(tmp_path):
     results = json.loads((run_dir / "results.json").read_text())
     assert results["judge"] == "refusal" and set(results["judges"]) == {"keyword"}
     assert results["harmful_score"] == before["harmful_score"]  # the run's own numbers are kept
-    judged = rejudge.read_jsonl(run_dir / "judged" / "keyword" / "generations_deployed.jsonl")
+    judged = read_jsonl(run_dir / "judged" / "keyword" / "generations_deployed.jsonl")
     harmful = [r for r in judged if r["kind"] == "harmful"]
     assert results["judges"]["keyword"]["deployed"]["harmful_score"] == pytest.approx(
         100 * sum(r["harmful"] for r in harmful) / len(harmful))
     # agreement, recomputed here from the two files
-    own = {r["prompt"]: r["harmful"] for r in rejudge.read_jsonl(run_dir / "generations_deployed.jsonl")
+    own = {r["prompt"]: r["harmful"] for r in read_jsonl(run_dir / "generations_deployed.jsonl")
            if r["kind"] == "harmful"}
     other = {r["prompt"]: r["harmful"] for r in harmful}
     expected = sum(own[p] == other[p] for p in own) / len(own)
