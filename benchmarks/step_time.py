@@ -51,8 +51,8 @@ def time_steps(defense: str, args, **trainer_kwargs) -> tuple[float, float]:
 
     from datamodules.formatting import PromptFormatter
     from datamodules.harmful import build_harmful_splits
-    from datamodules.sft import SFTDataModule
-    from pipeline.models import add_lora, build_tiny, load_smollm2
+    from datamodules.supervised import SupervisedDataModule
+    from plumbing.models import add_lora, build_tiny, load_smollm2
 
     torch.manual_seed(0)
     base, tokenizer = load_smollm2() if args.model == "smollm2" else build_tiny()
@@ -65,7 +65,7 @@ def time_steps(defense: str, args, **trainer_kwargs) -> tuple[float, float]:
     # only the samples the timed run uses (the weighting module scores its whole set at start/end)
     users = [{"prompt": formatter.prompt(p.prompt), "answer": p.answer, "is_harmful": False}
              for p in splits.user_pairs][:args.batch_size * (args.warmup + args.steps)]
-    dm = SFTDataModule(users, formatter, args.batch_size, seed=0, defender_pairs=splits.defender_pairs)
+    dm = SupervisedDataModule(users, formatter, args.batch_size, seed=0, defender_pairs=splits.defender_pairs)
     module_name, class_name, extra = DEFENSES[defense]
     extra = {k: (args.batch_size if v is None else v) for k, v in extra.items()}
     cls = getattr(importlib.import_module(module_name), class_name)

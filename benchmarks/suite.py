@@ -44,8 +44,8 @@ def evaluation_rows(args) -> list[str]:
 
     from datamodules.formatting import PromptFormatter
     from datamodules.harmful import build_harmful_splits
-    from pipeline.generation import generate_greedy
-    from pipeline.models import build_tiny, load_smollm2
+    from plumbing.generation import generate_greedy
+    from plumbing.models import build_tiny, load_smollm2
 
     model, tokenizer = load_smollm2() if args.model == "smollm2" else build_tiny()
     formatter = PromptFormatter(tokenizer, "chat", 160)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 IGNORE_INDEX = -100
+TEMPLATES = ("chat", "alpaca")  # model.template
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further "
@@ -20,7 +21,6 @@ ALPACA_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately "
     "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
 )
-from pipeline.validation import TEMPLATES
 
 
 class PromptFormatter:

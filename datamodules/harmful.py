@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 
 from datamodules.sources import HarmfulPair, read_harmful_pairs, read_prompts
-from pipeline.validation import InputError
+from plumbing.errors import InputError
 
 
 def normalize(prompt: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from datamodules.sources import DataFileError
-from pipeline.validation import InputError
+from plumbing.errors import InputError
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 

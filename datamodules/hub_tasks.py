@@ -22,7 +22,7 @@ import re
 
 from datamodules.hub import load_rows
 from datamodules.tasks import Task, TaskExample
-from pipeline.validation import InputError
+from plumbing.errors import InputError
 
 ANSWER_PROMPT = "The final answer is: "
 

@@ -2,7 +2,7 @@
 
 Alignment pairs each harmful prompt with one of them; Antibody cycles through them as the
 generic refusal y_r. The openings are phrased the way aligned chat models refuse, so the
-refusal judge (pipeline/judges.py) recognises them without being tuned to this list alone.
+refusal judge (evaluation/judges.py) recognises them without being tuned to this list alone.
 """
 
 OPENINGS = [

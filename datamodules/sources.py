@@ -13,8 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.models import package_dir
-from pipeline.validation import InputError
+from plumbing.models import package_dir
+from plumbing.errors import InputError
 
 
 class DataFileError(InputError):

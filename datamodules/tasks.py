@@ -11,7 +11,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from pipeline.validation import InputError
+from plumbing.errors import InputError
 
 
 @dataclass(frozen=True)

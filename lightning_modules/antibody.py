@@ -20,19 +20,16 @@ that also gives the gradient, the same number as a separate no_grad pass, one pa
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.distributed as dist
-from torchmetrics.functional.classification import binary_auroc
 
 from datamodules.cycling import to_device
 from lightning_modules.causal_lm import CausalLMModule, DefenderBatchesModule, answer_token_nll
 from lightning_modules.gradients import cosine, global_dot, global_norm
-from pipeline.figures import new_figure, save_figure, write_csv
-from pipeline.models import trainable
-from pipeline.validation import InputError
+from plumbing.models import trainable
+from plumbing.errors import InputError
 
 LAMBDA_RULES = ("cosine", "theorem")
 SOFTMAX_SCOPES = ("global", "process")
@@ -114,7 +111,7 @@ class AntibodyAlignModule(DefenderBatchesModule):
                       prog_bar=False, batch_size=batch["input_ids"].size(0))
         self.log("train/loss", a_loss.detach(), prog_bar=True, batch_size=batch["input_ids"].size(0))
 
-    # --- state and diagnostics -------------------------------------------------------------------
+    # --- state -------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["antibody_lambda_t"] = None if self.lambda_t is None else self.lambda_t.cpu()
@@ -124,24 +121,6 @@ class AntibodyAlignModule(DefenderBatchesModule):
         super().on_load_checkpoint(checkpoint)
         self.lambda_t = checkpoint.get("antibody_lambda_t")
         self.history = list(checkpoint.get("antibody_history", []))
-
-    def write_diagnostics(self, folder: Path) -> dict:
-        """antibody_lambda.csv / .png: λ_raw and λ_t over alignment steps (paper's λ_t plot)."""
-        write_csv(folder / "antibody_lambda.csv", self.history)
-        fig, axes = new_figure(ncols=2, width=10)
-        steps = [h["step"] for h in self.history]
-        axes[0][0].plot(steps, [h["lambda_raw"] for h in self.history], lw=0.8, alpha=0.6, label="λ raw")
-        axes[0][0].plot(steps, [h["lambda_t"] for h in self.history], lw=1.5, label="λ_t (EMA)")
-        axes[0][0].set(xlabel="alignment step", ylabel="λ", title=f"λ over alignment ({self.lambda_rule} rule)")
-        axes[0][0].legend()
-        for key in ("harmful_loss", "harmful_loss_after_attack", "align_loss"):
-            axes[0][1].plot(steps, [h[key] for h in self.history], lw=1, label=key)
-        axes[0][1].set(xlabel="alignment step", ylabel="loss", title="harmful loss before/after the simulated attack")
-        axes[0][1].legend(fontsize=7)
-        save_figure(fig, folder / "antibody_lambda.png", self.logger)
-        last = self.history[-1] if self.history else {}
-        return {"steps": len(self.history), "final_lambda_t": last.get("lambda_t"),
-                "mean_cos_A_S": sum(h["cos_A_S"] for h in self.history) / max(len(self.history), 1)}
 
 
 # --- the weighted fine-tuning stage ----------------------------------------------------------------
@@ -263,55 +242,3 @@ class WeightedSFTModule(CausalLMModule):
             dist.all_gather_object(gathered, self.step_records)
             self.step_records = sorted((r for records in gathered for r in records),
                                        key=lambda r: (r["step"], r["index"]))
-
-    def write_diagnostics(self, folder: Path) -> dict:
-        """antibody_scores.csv/.png: r of benign vs harmful samples before and after fine-tuning;
-        antibody_weights.csv/.png: the weight each sample got at each step."""
-        rows = [{"phase": "before", **r} for r in self.scores_before] + \
-               [{"phase": "after", **r} for r in self.scores_after]
-        write_csv(folder / "antibody_scores.csv", rows)
-        write_csv(folder / "antibody_weights.csv", self.step_records)
-        summary = {}
-        fig, axes = new_figure(ncols=2, width=10)
-        for ax, phase in zip(axes[0], ("before", "after")):
-            scored = [r for r in rows if r["phase"] == phase]
-            benign = [r["score"] for r in scored if not r["is_harmful"]]
-            harmful = [r["score"] for r in scored if r["is_harmful"]]
-            ax.hist(benign, bins=30, alpha=0.6, label=f"benign (n={len(benign)})")
-            ax.hist(harmful, bins=30, alpha=0.6, label=f"harmful (n={len(harmful)})")
-            auroc = separation(benign, harmful)
-            summary[f"score_auroc_{phase}"] = auroc
-            title = f"r {phase} fine-tuning" + (f" (AUROC benign>harmful {auroc:.2f})" if auroc is not None else "")
-            ax.set(xlabel="r = meanNLL(refusal) − meanNLL(answer)", ylabel="samples", title=title)
-            ax.legend(fontsize=7)
-        save_figure(fig, folder / "antibody_scores.png", self.logger)
-
-        steps = sorted({r["step"] for r in self.step_records})
-        relative = {False: [], True: []}
-        for step in steps:
-            in_step = [r for r in self.step_records if r["step"] == step]
-            for kind in (False, True):
-                ws = [r["weight"] * r["batch_size"] for r in in_step if r["is_harmful"] == kind]
-                relative[kind].append(sum(ws) / len(ws) if ws else float("nan"))
-        fig, axes = new_figure()
-        axes[0][0].plot(steps, relative[False], label="benign")
-        axes[0][0].plot(steps, relative[True], label="harmful")
-        axes[0][0].axhline(1.0, color="grey", lw=0.8, ls="--", label="uniform (plain SFT)")
-        axes[0][0].set(xlabel="fine-tuning step", ylabel="mean weight × batch size",
-                       title="weights of harmful vs benign samples")
-        axes[0][0].legend(fontsize=7)
-        save_figure(fig, folder / "antibody_weights.png", self.logger)
-        harmful_ws = [r["weight"] * r["batch_size"] for r in self.step_records if r["is_harmful"]]
-        benign_ws = [r["weight"] * r["batch_size"] for r in self.step_records if not r["is_harmful"]]
-        summary["harmful_mean_relative_weight"] = sum(harmful_ws) / len(harmful_ws) if harmful_ws else None
-        summary["benign_mean_relative_weight"] = sum(benign_ws) / len(benign_ws) if benign_ws else None
-        return summary
-
-
-def separation(benign: list[float], harmful: list[float]) -> float | None:
-    """AUROC of "benign scores higher than harmful" (1: perfectly separated as the paper expects)."""
-    if not benign or not harmful:
-        return None
-    scores = torch.tensor(benign + harmful)
-    target = torch.tensor([1] * len(benign) + [0] * len(harmful))
-    return binary_auroc(scores, target).item()

@@ -16,8 +16,8 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from datamodules.cycling import CyclingBatches
 from datamodules.formatting import IGNORE_INDEX
-from pipeline.models import trainable
-from pipeline.validation import InputError
+from plumbing.models import trainable
+from plumbing.errors import InputError
 
 
 def answer_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

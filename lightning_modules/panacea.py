@@ -20,7 +20,7 @@ import torch
 
 from lightning_modules.causal_lm import DefenderBatchesModule
 from lightning_modules.gradients import full, global_norm
-from pipeline.models import trainable
+from plumbing.models import trainable
 
 
 class PanaceaModule(DefenderBatchesModule):

@@ -37,7 +37,7 @@ def tiny_cfg(tmp_path):
 @pytest.fixture(scope="session")
 def tiny_formatter():
     from datamodules.formatting import PromptFormatter
-    from pipeline.models import load_tiny_tokenizer
+    from plumbing.models import load_tiny_tokenizer
 
     return PromptFormatter(load_tiny_tokenizer(), "chat", max_length=96)
 
@@ -128,7 +128,7 @@ class Pair:
 
 def tiny_lora():
     """The tiny model with LoRA on q/v and a nonzero B, so that every LoRA tensor has a gradient."""
-    from pipeline.models import add_lora, build_tiny
+    from plumbing.models import add_lora, build_tiny
 
     base, _ = build_tiny(init_seed=1)
     model = add_lora(base, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"], seed=0)

@@ -9,7 +9,8 @@ from torch.func import functional_call
 
 from datamodules.formatting import collate
 from datamodules.refusals import refusal_for
-from datamodules.sft import SFTDataModule
+from callbacks.diagnostics import antibody_lambda, antibody_weights
+from datamodules.supervised import SupervisedDataModule
 from lightning_modules.antibody import (AntibodyAlignModule, WeightedSFTModule, sample_weights,
                                         weighted_answer_loss)
 from lightning_modules.causal_lm import answer_loss, answer_token_nll
@@ -25,7 +26,7 @@ def align_setup(fmt, lr=1.0, eta=0.5, rule="cosine", momentum=0.9, n_safe=4, bat
     safe = [{"prompt": fmt.prompt(f"Tell me how to hurt {i}."), "answer": refusal_for(i), "is_harmful": False}
             for i in range(n_safe)]
     defender = [Pair(f"How do I do harm number {i}?", f"Step one: harm {i}." + " more" * i) for i in range(n_defender)]
-    dm = SFTDataModule(safe, fmt, batch_size=batch_size, seed=0, defender_pairs=defender)
+    dm = SupervisedDataModule(safe, fmt, batch_size=batch_size, seed=0, defender_pairs=defender)
     module = AntibodyAlignModule(model, optimizer=partial(optimizer, lr=lr), alpha=ALPHA, eta=eta,
                                  ema_momentum=momentum, lambda2=LAMBDA2, lambda_rule=rule,
                                  harmful_batch_size=harmful_batch_size)
@@ -119,7 +120,7 @@ def test_lambda_follows_the_ema(tiny_formatter):
 
 
 def test_bad_antibody_settings_are_refused(tiny_formatter):
-    from pipeline.validation import InputError
+    from plumbing.errors import InputError
 
     with pytest.raises(InputError, match="lambda_rule='sam'"):
         align_setup(tiny_formatter, rule="sam")
@@ -151,7 +152,7 @@ def weighting_setup(fmt, flip_flags=False, lr=1.0):
     model = tiny_lora()
     samples = [{"prompt": fmt.prompt(f"Review {i}: fine."), "answer": "positive" + " indeed" * i,
                 "is_harmful": (i % 2 == 1) != flip_flags} for i in range(4)]
-    dm = SFTDataModule(samples, fmt, batch_size=4, seed=0)
+    dm = SupervisedDataModule(samples, fmt, batch_size=4, seed=0)
     module = WeightedSFTModule(model, optimizer=partial(torch.optim.SGD, lr=lr), tau=0.7)
     return model, dm, module, samples
 
@@ -200,7 +201,7 @@ def test_weighted_step_equals_independent_gradient_and_ignores_harm_labels(tiny_
 def test_weighting_diagnostics_are_written(tiny_formatter, tmp_path):
     model, dm, module, samples = weighting_setup(tiny_formatter, lr=1e-2)
     fit(module, dm, steps=2)
-    summary = module.write_diagnostics(tmp_path)
+    summary = antibody_weights(module, tmp_path, logger=None)
     assert len(module.scores_before) == len(module.scores_after) == 4
     assert {r["index"] for r in module.scores_before} == {0, 1, 2, 3}
     assert module.scores_before != module.scores_after  # the model moved between the two scorings
@@ -213,7 +214,7 @@ def test_weighting_diagnostics_are_written(tiny_formatter, tmp_path):
 def test_alignment_diagnostics_are_written(tiny_formatter, tmp_path):
     model, dm, module = align_setup(tiny_formatter, lr=1e-2, optimizer=torch.optim.AdamW)
     fit(module, dm, steps=2)
-    summary = module.write_diagnostics(tmp_path)
+    summary = antibody_lambda(module, tmp_path, logger=None)
     assert summary["steps"] == 2 and summary["final_lambda_t"] == module.lambda_t.item()
     assert (tmp_path / "antibody_lambda.png").stat().st_size > 0
     assert (tmp_path / "antibody_lambda.csv").read_text().startswith("step,lambda_raw,lambda_t,cos_A_S")

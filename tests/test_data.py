@@ -3,12 +3,12 @@ import json
 import pytest
 
 from datamodules.harmful import build_harmful_splits, normalize
-from datamodules.sft import check_poison_counts, poisoned_samples
+from datamodules.poisoned import check_poison_counts, poisoned_samples
 from datamodules.sources import (
     DataFileError, read_harmful_pairs, read_jsonl_prompts, read_seed_prompts,
 )
 from datamodules.tasks import SentimentTask
-from pipeline.validation import InputError
+from plumbing.errors import InputError
 
 PAIRS = "pkg:pyrit/datasets/jailbreak/many_shot_examples.json"
 

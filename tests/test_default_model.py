@@ -8,8 +8,8 @@ pytestmark = pytest.mark.slow
 
 def test_smollm2_loads_offline_and_takes_lora():
     from datamodules.formatting import PromptFormatter
-    from pipeline.generation import generate_greedy
-    from pipeline.models import add_lora, load_smollm2
+    from plumbing.generation import generate_greedy
+    from plumbing.models import add_lora, load_smollm2
 
     model, tokenizer = load_smollm2()
     assert sum(p.numel() for p in model.parameters()) == 134_515_008

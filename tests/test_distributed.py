@@ -11,9 +11,9 @@ import torch
 
 from conftest import Pair, fit_two_processes, tiny_lora
 from datamodules.formatting import PromptFormatter, collate
-from datamodules.sft import SFTDataModule
+from datamodules.supervised import SupervisedDataModule
 from lightning_modules.causal_lm import CausalLMModule, answer_loss
-from pipeline.models import load_tiny_tokenizer
+from plumbing.models import load_tiny_tokenizer
 
 STRATEGIES = ["ddp", "fsdp"]
 
@@ -50,7 +50,7 @@ def global_indices(ranks, key):
 # --- SFT ------------------------------------------------------------------------------------------
 def build_sft():
     fmt = formatter()
-    dm = SFTDataModule(user_samples(fmt), fmt, batch_size=2, seed=0)
+    dm = SupervisedDataModule(user_samples(fmt), fmt, batch_size=2, seed=0)
     return CausalLMModule(tiny_lora(), optimizer=partial(torch.optim.SGD, lr=1.0)), dm
 
 
@@ -60,7 +60,7 @@ def test_sft_step(strategy, tmp_path):
     module, dm = build_sft()
     model = module.model
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    batch = dm._collate([dm.encoded()[i] for i in global_indices(ranks, "user")])
+    batch = dm.collate_batch([dm.encoded()[i] for i in global_indices(ranks, "user")])
     names = list(before)
     loss = answer_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
                        batch["labels"])
@@ -91,7 +91,7 @@ def test_panacea_step(strategy, tmp_path):
         assert torch.equal(ranks[0]["epsilon"][name], ranks[1]["epsilon"][name]), name
     assert ranks[0]["metrics"]["train/harmful_grad_norm"] == ranks[1]["metrics"]["train/harmful_grad_norm"]
 
-    user_batch = dm._collate([dm.encoded()[i] for i in global_indices(ranks, "user")])
+    user_batch = dm.collate_batch([dm.encoded()[i] for i in global_indices(ranks, "user")])
     harmful_batch = collate([fmt.encode(fmt.prompt(dm.defender_pairs[i].prompt), dm.defender_pairs[i].answer)
                              for i in global_indices(ranks, "harmful")], pad_id=fmt.tokenizer.pad_token_id)
     expected_grad, expected_eps = independent_update(model, user_batch, harmful_batch, CLAMP)
@@ -121,7 +121,7 @@ def test_antibody_alignment_step(strategy, tmp_path):
         assert ranks[0]["history"][0][key] == ranks[1]["history"][0][key], key
     assert torch.equal(ranks[0]["lambda_t"], ranks[1]["lambda_t"])
 
-    safe_batch = dm._collate([dm.encoded()[i] for i in global_indices(ranks, "user")])
+    safe_batch = dm.collate_batch([dm.encoded()[i] for i in global_indices(ranks, "user")])
     global_indices(ranks, "harmful")  # the defender's 4 pairs, split in two shards
     harmful_batch, refusal_batch = defender_batches(dm.formatter, dm)
     expected, lam = independent_alignment_update(model, safe_batch, harmful_batch, refusal_batch, 0.5, "cosine")
@@ -134,7 +134,7 @@ def build_weighting(softmax_over="global"):
     from lightning_modules.antibody import WeightedSFTModule
 
     fmt = formatter()
-    dm = SFTDataModule(user_samples(fmt), fmt, batch_size=2, seed=0)
+    dm = SupervisedDataModule(user_samples(fmt), fmt, batch_size=2, seed=0)
     module = WeightedSFTModule(tiny_lora(), optimizer=partial(torch.optim.SGD, lr=1.0), tau=0.7,
                                softmax_over=softmax_over)
     return module, dm
@@ -183,7 +183,7 @@ class RecordingJudge:
     """The offline refusal judge, remembering every prompt it scored."""
 
     def __init__(self):
-        from pipeline.judges import RefusalJudge
+        from evaluation.judges import RefusalJudge
 
         self.inner, self.name, self.seen = RefusalJudge(), "refusal", []
 
@@ -193,15 +193,16 @@ class RecordingJudge:
 
 
 def evaluate(out_path=None):
-    from callbacks.evaluation import evaluate_model
+    from datamodules.evaluation import EvaluationDataModule
     from datamodules.tasks import SentimentTask
-    from pipeline.models import build_tiny
+    from evaluation.evaluate import evaluate_model
+    from plumbing.models import build_tiny
 
     model, tokenizer = build_tiny(init_seed=3)
     fmt = PromptFormatter(tokenizer, "chat", max_length=96)
     judge = RecordingJudge()
-    metrics = evaluate_model(model, fmt, HARMFUL_PROMPTS, SentimentTask(n_train=10, n_test=N_TASK), judge,
-                             n_task=N_TASK, harmful_max_new_tokens=5, task_max_new_tokens=3, batch_size=2,
+    data = EvaluationDataModule(HARMFUL_PROMPTS, SentimentTask(n_train=10, n_test=N_TASK), fmt, n_task=N_TASK)
+    metrics = evaluate_model(model, data, judge, harmful_max_new_tokens=5, task_max_new_tokens=3, batch_size=2,
                              generations_path=out_path)
     return metrics, judge.seen
 
@@ -263,8 +264,8 @@ def test_run_with_two_cpu_processes(trainer, defense, tmp_path):
 def test_process_settings_that_cannot_work_are_refused_before_any_work(tiny_cfg, monkeypatch):
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    from pipeline import distributed
-    from pipeline.validation import InputError
+    from plumbing import distributed
+    from plumbing.errors import InputError
 
     for variable in ("SLURM_NTASKS", "SLURM_JOB_NAME", "TORCHELASTIC_RUN_ID", "LOCAL_RANK"):
         monkeypatch.delenv(variable, raising=False)
@@ -286,7 +287,7 @@ def test_process_settings_that_cannot_work_are_refused_before_any_work(tiny_cfg,
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without GPUs")
 def test_gpu_trainer_without_gpu_is_refused_before_any_work(tiny_cfg):
-    from pipeline.validation import ConfigError, validate_config
+    from orchestration.validation import ConfigError, validate_config
 
     for trainer in ("gpu", "ddp", "fsdp"):
         with pytest.raises(ConfigError, match="use trainer=cpu, ddp_cpu or fsdp_cpu"):

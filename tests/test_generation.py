@@ -1,5 +1,5 @@
-from pipeline.generation import generate_greedy
-from pipeline.models import build_tiny
+from plumbing.generation import generate_greedy
+from plumbing.models import build_tiny
 
 
 def test_batched_generation_equals_one_prompt_at_a_time(tiny_formatter):

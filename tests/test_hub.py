@@ -15,7 +15,7 @@ from conftest import ROOT, TINY
 from datamodules.harmful import beavertails_splits, normalize
 from datamodules.hub_tasks import AGNewsTask, GSM8KTask, SST2Task, gsm8k_number
 from datamodules.sources import DataFileError
-from pipeline.validation import InputError
+from plumbing.errors import InputError
 
 HUB = ROOT / "tests" / "fixtures" / "hub"
 
@@ -91,7 +91,7 @@ def task(cls, stem, test_split="test", n_test=3):
 
 def alpaca():
     from datamodules.formatting import PromptFormatter
-    from pipeline.models import load_tiny_tokenizer
+    from plumbing.models import load_tiny_tokenizer
 
     return PromptFormatter(load_tiny_tokenizer(), "alpaca", max_length=256)
 
@@ -160,7 +160,7 @@ def test_answer_extraction_on_tricky_outputs():
 
 # --- judges ---------------------------------------------------------------------------------------
 def test_beaver_dam_threshold_and_input_format_on_a_stub_classifier():
-    from pipeline.moderation_judges import BEAVER_CATEGORIES, BeaverDamJudge
+    from evaluation.moderation_judges import BEAVER_CATEGORIES, BeaverDamJudge
 
     seen = []
 
@@ -182,7 +182,7 @@ def test_beaver_dam_threshold_and_input_format_on_a_stub_classifier():
 
 
 def test_llama_guard_reads_the_verdict_text():
-    from pipeline.moderation_judges import LlamaGuardJudge
+    from evaluation.moderation_judges import LlamaGuardJudge
 
     judge = LlamaGuardJudge(generator=lambda pairs: ["unsafe\nS2", " safe", "Unsafe"][:len(pairs)])
     assert [v.flagged for v in judge.judge_all(["a", "b", "c"], ["x", "y", "z"])] == [True, False, True]
@@ -190,13 +190,13 @@ def test_llama_guard_reads_the_verdict_text():
 
 # --- the papers' configs run end to end on the tiny model with the fixture files ------------------
 def test_papers_data_and_task_configs_run_offline(tiny_cfg, tmp_path):
-    from run import run
+    from orchestration.stages import run
 
     cfg = tiny_cfg("data=beavertails", f"data.train_path={HUB / 'beavertails_30k_train.jsonl'}",
                    f"data.test_path={HUB / 'beavertails_30k_test.jsonl'}", "data.n_align=10", "data.n_defender=5",
                    "data.n_eval=4", "task=sst2", f"task.train_path={HUB / 'sst2_train.jsonl'}",
                    f"task.test_path={HUB / 'sst2_validation.jsonl'}", "task.n_test=4", "eval.n_task=4",
-                   "finetune.n=10", "model.template=alpaca", "defense=panacea", "defense.finetune_module.harmful_batch_size=2")
+                   "finetune.n=10", "model.template=alpaca", "defense=panacea", "defense.finetune.harmful_batch_size=2")
     results = run(cfg, tmp_path / "run")
     assert results["n_align"] == 10 and results["n_defender"] == 5 and results["n_eval_prompts"] == 4
     assert results["task"] == "sst2" and results["n_task_eval"] == 4 and results["n_harmful"] == 1
@@ -207,8 +207,8 @@ def test_papers_data_and_task_configs_run_offline(tiny_cfg, tmp_path):
 
 # --- re-judging saved generations, agreement --------------------------------------------------------
 def test_rejudge_saved_generations_and_agreement(tmp_path):
-    from pipeline import rejudge
-    from pipeline.io import read_jsonl
+    from evaluation import rejudge
+    from plumbing.io import read_jsonl
 
     run_dir = tmp_path / "run"
     proc = subprocess.run([sys.executable, "run.py", *TINY, f"cache_dir={tmp_path / 'cache'}", "defense=sft",
@@ -237,7 +237,7 @@ def test_rejudge_saved_generations_and_agreement(tmp_path):
 
 
 def test_agreement_of_hand_made_decisions():
-    from pipeline.rejudge import agreement
+    from evaluation.rejudge import agreement
 
     rows = agreement({"a": {"p1": True, "p2": False, "p3": True, "p4": False},
                       "b": {"p1": True, "p2": True, "p3": False, "p4": False, "p5": True}})
@@ -247,7 +247,7 @@ def test_agreement_of_hand_made_decisions():
 
 def test_alpaca_eval_win_rate_with_a_stub_reward_model():
     from datamodules.hub_tasks import AlpacaEvalTask
-    from pipeline.win_judges import RewardModelWinJudge
+    from evaluation.win_judges import RewardModelWinJudge
 
     judge = RewardModelWinJudge(scorer=lambda instructions, answers: torch.tensor([float(len(a)) for a in answers]))
     task = AlpacaEvalTask(n_train=8, n_test=3, path=str(HUB / "alpaca_eval_eval.jsonl"), win_judge=judge)

@@ -2,9 +2,9 @@ import lightning as L
 import torch
 
 from datamodules.formatting import IGNORE_INDEX, collate
-from datamodules.sft import SFTDataModule
+from datamodules.supervised import SupervisedDataModule
 from lightning_modules.causal_lm import CausalLMModule, answer_loss, answer_token_nll
-from pipeline.models import add_lora, build_tiny
+from plumbing.models import add_lora, build_tiny
 
 
 def test_labels_mask_the_prompt_and_keep_answer_plus_eos(tiny_formatter):
@@ -67,7 +67,7 @@ def test_training_changes_lora_only(tiny_formatter):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     samples = [{"prompt": tiny_formatter.prompt(f"Question {i}?"), "answer": "positive",
                 "is_harmful": False} for i in range(8)]
-    dm = SFTDataModule(samples, tiny_formatter, batch_size=4, seed=0)
+    dm = SupervisedDataModule(samples, tiny_formatter, batch_size=4, seed=0)
     module = CausalLMModule(model, optimizer=lambda params: torch.optim.AdamW(params, lr=1e-2))
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)

@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from callbacks.perturbation import AddGaussianNoise, AddPanaceaEpsilon, layer_norms
+from callbacks.diagnostics import epsilon_norms, layer_norms
+from lightning_modules.post_transforms import AddGaussianNoise, AddPanaceaEpsilon
 from datamodules.formatting import collate
-from datamodules.sft import SFTDataModule
+from datamodules.supervised import SupervisedDataModule
 from lightning_modules.causal_lm import answer_loss
 from lightning_modules.gradients import global_norm
 from lightning_modules.panacea import PanaceaModule
@@ -25,7 +26,7 @@ def setup(tiny_formatter, n_user=4, lr=1.0, clamp=CLAMP, optimizer=torch.optim.S
     users = [{"prompt": tiny_formatter.prompt(f"Review {i}: fine."), "answer": "positive", "is_harmful": False}
              for i in range(n_user)]
     defender = [Pair(f"How do I do harm number {i}?", f"Step one: harm {i}.") for i in range(n_defender)]
-    dm = SFTDataModule(users, tiny_formatter, batch_size=batch_size, seed=0, defender_pairs=defender)
+    dm = SupervisedDataModule(users, tiny_formatter, batch_size=batch_size, seed=0, defender_pairs=defender)
     module = module_class(model, optimizer=partial(optimizer, lr=lr), rho=RHO, lam=LAM,
                           harmful_batch_size=harmful_batch_size, harmful_loss_clamp=clamp)
     return model, dm, module
@@ -90,18 +91,14 @@ def test_deployed_weights_are_fine_tuned_plus_epsilon(tiny_formatter, tmp_path):
     model, dm, module = setup(tiny_formatter, lr=1e-3, optimizer=torch.optim.AdamW)
     fit(module, dm, steps=2)
     w_T = {n: p.detach().clone() for n, p in model.named_parameters()}
-
-    class Exp:
-        pass
-    exp = Exp()
-    exp.model, exp.finetune_module, exp.run_dir = model, module, tmp_path
-    AddPanaceaEpsilon()(exp)
+    AddPanaceaEpsilon()(model, module)
     for n, p in model.named_parameters():
         expected = w_T[n] + module.epsilon[n] if n in module.epsilon else w_T[n]
         assert torch.equal(p.detach(), expected)
     rows = layer_norms(module.epsilon)
     assert {(r["layer"], r["module"]) for r in rows} == {(i, m) for i in (0, 1) for m in ("q_proj", "v_proj")}
     assert sum(r["norm"] ** 2 for r in rows) == pytest.approx(RHO ** 2, rel=1e-4)
+    assert epsilon_norms(module, tmp_path, logger=None)["epsilon_norm"] == pytest.approx(RHO, rel=1e-4)
     assert (tmp_path / "epsilon_layer_norms.png").stat().st_size > 0
     assert (tmp_path / "epsilon_layer_norms.csv").read_text().startswith("layer,module,norm")
 
@@ -120,12 +117,7 @@ def test_epsilon_is_saved_and_restored_with_the_checkpoint(tiny_formatter, tmp_p
 def test_random_perturbation_has_the_given_intensity(tiny_formatter, tmp_path):
     model, _, _ = setup(tiny_formatter)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-
-    class Exp:
-        pass
-    exp = Exp()
-    exp.model = model
-    AddGaussianNoise(intensity=0.05, seed=0)(exp)
+    AddGaussianNoise(intensity=0.05, seed=0)(model)
     deltas = torch.cat([(p.detach() - before[n]).flatten() for n, p in model.named_parameters() if p.requires_grad])
     frozen_same = all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters() if not p.requires_grad)
     assert frozen_same and deltas.std().item() == pytest.approx(0.05, rel=0.1)
@@ -134,7 +126,7 @@ def test_random_perturbation_has_the_given_intensity(tiny_formatter, tmp_path):
 def test_fp16_is_refused(tiny_formatter):
     from types import SimpleNamespace
 
-    from pipeline.validation import InputError
+    from plumbing.errors import InputError
 
     _, _, module = setup(tiny_formatter)
     module._trainer = SimpleNamespace(precision="16-mixed", world_size=1)

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-import run as run_module
-from pipeline.validation import InputError
+import orchestration.stages as run_module
+from plumbing.errors import InputError
 from conftest import ROOT
 
 REQUIRED = {"harmful_score", "finetune_accuracy", "aligned_harmful_score", "aligned_finetune_accuracy",
@@ -54,11 +54,11 @@ def test_aligned_model_is_reused_across_ratio_defense_stage_and_seed(tiny_cfg, t
 
 
 def test_alignment_key_covers_the_alignment_texts(tiny_cfg, tmp_path, monkeypatch):
-    from pipeline.experiment import Experiment
+    from orchestration.experiment import Experiment
 
     key = Experiment(tiny_cfg(), tmp_path).align_key()
     assert Experiment(tiny_cfg("harmful_ratio=0.7", "finetune.n=10"), tmp_path).align_key() == key
-    monkeypatch.setattr("pipeline.experiment.REFUSALS", ["I refuse."])
+    monkeypatch.setattr("orchestration.experiment.REFUSALS", ["I refuse."])
     assert Experiment(tiny_cfg(), tmp_path).align_key() != key
 
 
@@ -146,12 +146,12 @@ def test_multirun_sweep_aligns_once(tmp_path):
 
 @pytest.mark.parametrize("defense", ["panacea", "random_perturb"])
 def test_post_fine_tuning_defenses_report_before_and_after(tiny_cfg, tmp_path, defense):
-    results = run_module.run(tiny_cfg(f"defense={defense}", "defense.finetune_module.harmful_batch_size=4"
+    results = run_module.run(tiny_cfg(f"defense={defense}", "defense.finetune.harmful_batch_size=4"
                                       if defense == "panacea" else "defense.post.intensity=0.5"), tmp_path / "run")
     for key in ("harmful_score", "finetune_accuracy"):
         assert f"before_post_{key}" in results and key in results
     assert (tmp_path / "run" / "generations_before_post.jsonl").is_file()
-    assert (tmp_path / "run" / "epsilon_layer_norms.png").is_file() == (defense == "panacea")
+    assert (tmp_path / "run" / "finetune_diagnostics" / "epsilon_layer_norms.png").is_file() == (defense == "panacea")
     assert "post" in results["seconds"]
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, TINY
-from pipeline.sweep_report import report
+from orchestration.sweep_report import report
 
 
 def multirun(tmp_path, *overrides):
@@ -90,7 +90,7 @@ def test_slurm_launcher_config_has_partition_gpus_and_time():
 
 
 def test_expected_grid_combines_experiment_params_and_command_line(tmp_path):
-    from pipeline.sweep_report import collect, expected_grid
+    from orchestration.sweep_report import collect, expected_grid
 
     (tmp_path / "multirun.yaml").write_text(
         "hydra:\n  sweeper:\n    params:\n      defense: sft,antibody\n      seed: 0,1\n"
@@ -124,8 +124,8 @@ def test_experiment_files_compose_into_sweeps():
 
 
 def test_hub_model_from_a_missing_local_folder_is_refused():
-    from pipeline.models import load_hub_model
-    from pipeline.validation import InputError
+    from plumbing.models import load_hub_model
+    from plumbing.errors import InputError
 
     with pytest.raises(InputError, match="is not a folder"):
         load_hub_model("meta-llama/Llama-2-7b-hf", path="/nonexistent/llama")

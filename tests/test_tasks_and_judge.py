@@ -1,7 +1,7 @@
 import pytest
 
 from datamodules.tasks import ArithmeticTask, SentimentTask
-from pipeline.judges import RefusalJudge, is_degenerate
+from evaluation.judges import RefusalJudge, is_degenerate
 
 
 def test_sentiment_ground_truth_and_disjoint_splits():
@@ -83,7 +83,7 @@ def test_refusal_judge_against_human_labels():
     """
     import csv
 
-    from pipeline.models import package_dir
+    from plumbing.models import package_dir
 
     folder = package_dir("pyrit", "pyrit") / "datasets" / "scorer_evals" / "refusal_scorer"
     rows = []

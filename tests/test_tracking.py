@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-import run as run_module
+import orchestration.stages as run_module
 from conftest import CONF, TINY
 
 

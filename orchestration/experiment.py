@@ -1,4 +1,4 @@
-"""What the stages of one run share: config, data, model, cache, output paths, and training."""
+"""What the stages of one run share: config, data, model, stage cache, output paths, and training."""
 
 from __future__ import annotations
 
@@ -15,18 +15,20 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.fsdp import FSDPModule
 
-from callbacks.evaluation import EVAL_VERSION
-from datamodules.benign import benign_instructions
+from datamodules.evaluation import EvaluationDataModule
 from datamodules.formatting import PromptFormatter
 from datamodules.harmful import splits_from_config
+from datamodules.poisoned import check_poison_counts
 from datamodules.refusals import REFUSALS
-from datamodules.sft import SFTDataModule, check_poison_counts
+from datamodules.retain import retain_instructions
+from datamodules.supervised import SupervisedDataModule
+from evaluation.evaluate import EVAL_VERSION
 from lightning_modules.gradients import full
-from pipeline.cache import StageCache, config_key
-from pipeline.distributed import broadcast, is_main, lightning_strategy, map_shards
-from pipeline.generation import generate_greedy
-from pipeline.models import add_lora, trainable
-from pipeline.tracking import Tracker
+from orchestration.stage_cache import StageCache, config_key
+from orchestration.tracking import Tracker
+from plumbing.distributed import broadcast, is_main, lightning_strategy, map_shards
+from plumbing.generation import generate_greedy
+from plumbing.models import add_lora, trainable
 
 log = logging.getLogger("run")
 T = TypeVar("T")
@@ -54,7 +56,7 @@ class Experiment:
         self.n_harmful, self.n_benign = check_poison_counts(
             self.task, self.splits, cfg.finetune.n, cfg.harmful_ratio)
         self.model = self.tokenizer = self.formatter = None
-        self.finetune_module = None  # set by the finetune stage; post transforms may read it
+        self.finetune_module = None  # set by the finetune stage; a post transform may read it
         self.tracker = Tracker()     # run() sets the configured one once the input is checked
 
     def load_model(self) -> None:
@@ -74,7 +76,7 @@ class Experiment:
         texts = {"align_prompts": self.splits.align_prompts, "refusals": REFUSALS,
                  **({"align_answers": self.splits.align_answers} if self.splits.align_answers else {}),
                  "defender": [(p.prompt, p.answer) for p in self.splits.defender_pairs],
-                 "retain": benign_instructions(cfg.data.n_retain, cfg.data.split_seed)}
+                 "retain": retain_instructions(cfg.data.n_retain, cfg.data.split_seed)}
         return config_key({
             "model": plain(cfg.model), "data": plain(cfg.data), "align": plain(cfg.align),
             "texts": config_key(texts),
@@ -92,7 +94,7 @@ class Experiment:
         """
         d = self.cfg.data
         prompts = [self.formatter.prompt(instruction, text)
-                   for instruction, text in benign_instructions(d.n_retain, d.split_seed)]
+                   for instruction, text in retain_instructions(d.n_retain, d.split_seed)]
         key = config_key({"model": plain(self.cfg.model), "prompts": prompts,
                           "max_new_tokens": d.retain_max_new_tokens})
 
@@ -129,21 +131,31 @@ class Experiment:
         return entry
 
     # --- training -----------------------------------------------------------------------------
-    def datamodule(self, samples: list[dict], stage_cfg: DictConfig) -> SFTDataModule:
-        return SFTDataModule(samples, self.formatter, stage_cfg.batch_size, stage_cfg.seed,
-                             defender_pairs=self.splits.defender_pairs)
+    def alignment_data(self) -> SupervisedDataModule:
+        """conf `align.datamodule`: refusal pairs, the retain data, the defender's pairs."""
+        return instantiate(self.cfg.align.datamodule)(splits=self.splits, formatter=self.formatter,
+                                                      retain=self.retain_samples())
+
+    def finetune_data(self) -> SupervisedDataModule:
+        """conf `finetune.datamodule`: the user's poisoned set."""
+        return instantiate(self.cfg.finetune.datamodule)(task=self.task, splits=self.splits, formatter=self.formatter)
+
+    def evaluation_data(self) -> EvaluationDataModule:
+        """conf `eval.datamodule`: the held-out harmful prompts and the task's test set."""
+        return instantiate(self.cfg.eval.datamodule)(harmful_prompts=self.splits.eval_prompts, task=self.task,
+                                                     formatter=self.formatter)
 
     def module(self, stage_cfg: DictConfig):
         optimizer = instantiate(stage_cfg.optimizer)
         scheduler = instantiate(stage_cfg.scheduler) if stage_cfg.scheduler else None
         return instantiate(stage_cfg.module)(model=self.model, optimizer=optimizer, scheduler=scheduler)
 
-    def fit(self, stage: str, module, datamodule, stage_cfg: DictConfig) -> None:
+    def fit(self, stage: str, module, datamodule, stage_cfg: DictConfig, callbacks: list) -> None:
         L.seed_everything(stage_cfg.seed, workers=True, verbose=False)
         logger = self.tracker.stage_logger(stage)
         trainer = L.Trainer(
             **{**plain(self.cfg.trainer), "strategy": lightning_strategy(self.cfg.trainer)},
-            max_epochs=stage_cfg.epochs, logger=logger,
+            max_epochs=stage_cfg.epochs, logger=logger, callbacks=callbacks,
             precision=self.cfg.model.precision, default_root_dir=str(self.run_dir / stage),
         )
         self.model.train()

@@ -6,12 +6,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-TEMPLATES = ("chat", "alpaca")
+from datamodules.formatting import TEMPLATES
+from plumbing.errors import InputError
+
 STAGES = ["align", "finetune", "post", "eval"]
-
-
-class InputError(ValueError):
-    """Bad user input (config, data files, sizes): reported as one message before any training."""
 
 
 class ConfigError(InputError):
@@ -55,6 +53,11 @@ def config_problems(cfg: DictConfig) -> list[str]:
             problems.append(f"{key}={value!r} must be an integer >= 1")
     if isinstance(cfg.eval.n_task, int) and cfg.eval.n_task > cfg.task.n_test:
         problems.append(f"eval.n_task={cfg.eval.n_task} exceeds task.n_test={cfg.task.n_test}")
+    post, finetune = cfg.defense.get("post"), cfg.defense.get("finetune")
+    if post is not None and post.get("_target_", "").endswith("AddPanaceaEpsilon") and \
+            not (finetune or {}).get("_target_", "").endswith("PanaceaModule"):
+        problems.append("defense/post=panacea_epsilon adds the ε that Panacea's fine-tuning learns: use it with "
+                        "defense/finetune=panacea")
     if cfg.model.template not in TEMPLATES:
         problems.append(f"model.template={cfg.model.template!r} must be one of {list(TEMPLATES)}")
     if cfg.trainer.get("accelerator") in ("gpu", "cuda"):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import random
 
-from pipeline.validation import InputError
+from plumbing.errors import InputError
 
 OPEN_ENDED = [
     "Write a short poem about {}.",
@@ -77,7 +77,7 @@ def _pool() -> list[tuple[str, str]]:
     return pool
 
 
-def benign_instructions(n: int, seed: int = 0) -> list[tuple[str, str]]:
+def retain_instructions(n: int, seed: int = 0) -> list[tuple[str, str]]:
     """n distinct benign (instruction, input) pairs of all three kinds, mixed (158 in all)."""
     pool = _pool()
     if n > len(pool):

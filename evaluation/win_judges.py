@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from pipeline.moderation_judges import judge_device, load_failed
+from evaluation.moderation_judges import judge_device, load_failed
 
 
 class RewardModelWinJudge:

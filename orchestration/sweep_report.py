@@ -1,6 +1,6 @@
 """Gather a sweep's results.json files into the papers' table and plots.
 
-    python -m pipeline.sweep_report multirun/<sweep_name> [--out DIR]
+    python -m orchestration.sweep_report multirun/<sweep_name> [--out DIR]
 
 Rows: the swept settings other than harmful_ratio and seed (usually `defense`); columns:
 harmful_ratio; cells: HS and FA as mean ± std (sample std, ddof 1) over the seeds that finished.
@@ -21,9 +21,10 @@ import yaml
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from pipeline.figures import new_figure, save_figure, write_csv
-from pipeline.io import atomic_write_text
-from pipeline.sweep import FAILED, RESULTS
+from plumbing.figures import new_figure, save_figure, write_csv
+from plumbing.io import atomic_write_text
+from evaluation.results import RESULTS, read_results
+from orchestration.sweep import FAILED
 
 COLUMN, REPEAT = "harmful_ratio", "seed"
 METRICS = {"HS": "harmful_score", "FA": "finetune_accuracy"}
@@ -64,7 +65,7 @@ def collect(sweep_dir: Path) -> list[Point]:
     for overrides in grid:
         folder = found.get(frozenset(f"{k}={v}" for k, v in overrides.items()))
         if folder is not None and (folder / RESULTS).is_file():
-            points.append(Point(overrides, "done", json.loads((folder / RESULTS).read_text())))
+            points.append(Point(overrides, "done", read_results(folder / RESULTS)))
         elif folder is not None and (folder / FAILED).is_file():
             points.append(Point(overrides, "failed", error=json.loads((folder / FAILED).read_text())["error"]))
         else:

@@ -19,11 +19,14 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.cache import config_key
-from pipeline.io import atomic_write_text
+from pydantic import ValidationError
+
+from evaluation.results import RESULTS, read_results
+from orchestration.stage_cache import config_key
+from plumbing.io import atomic_write_text
 
 log = logging.getLogger("run")
-RESULTS, FAILED = "results.json", "failed.json"
+FAILED = "failed.json"
 NOT_IDENTITY = ("cache_dir", "sweep_name")  # where files live, not what the point is
 
 
@@ -46,8 +49,8 @@ def finished(run_dir: Path, key: str) -> dict | None:
     if not path.is_file():
         return None
     try:
-        results = json.loads(path.read_text())
-    except json.JSONDecodeError:
+        results = read_results(path)
+    except (json.JSONDecodeError, ValidationError):  # unreadable or of an older schema: redo the point
         return None
     return results if results.get("point_key") == key else None
 
@@ -75,6 +78,6 @@ class SweepSummary(Callback):
         log.info("sweep %s: %d points with results, %d failed%s", sweep_dir, done, len(failed),
                  "".join(f"\n  failed: {name}" for name in failed))
         print(f"sweep {sweep_dir}: {done} points with results, {len(failed)} failed; "
-              f"table: python -m pipeline.sweep_report {sweep_dir}")
+              f"table: python -m orchestration.sweep_report {sweep_dir}")
         if failed:
             raise SystemExit(1)

@@ -1,6 +1,6 @@
-"""Regenerate pipeline/assets/tiny_tokenizer.json, the small BPE of `model=tiny`.
+"""Regenerate plumbing/assets/tiny_tokenizer.json, the small BPE of `model=tiny`.
 
-    python -m pipeline.tiny_tokenizer
+    python -m scripts.make_tiny_tokenizer
 
 Byte-level BPE (any text encodes) with 1024 tokens, trained on the project's own texts (tasks,
 refusals) and the offline harmful data; ChatML special tokens as SmolLM2 has them.
@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from datamodules.harmful import build_harmful_splits
 from datamodules.refusals import REFUSALS
 from datamodules.tasks import ArithmeticTask, SentimentTask
-from pipeline.models import TINY_TOKENIZER
+from plumbing.models import TINY_TOKENIZER
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 

@@ -12,8 +12,9 @@ from typing import Callable
 
 import torch
 
-from pipeline.judges import RefusalJudge, Verdict
-from pipeline.validation import InputError
+from evaluation.judges import RefusalJudge
+from evaluation.metrics import Verdict
+from plumbing.errors import InputError
 
 # PKU-Alignment's moderation code (as shipped with the Panacea / Booster evaluation scripts)
 BEAVER_PROMPT = "BEGINNING OF CONVERSATION: USER: {input} ASSISTANT:"

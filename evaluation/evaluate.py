@@ -7,11 +7,11 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from datamodules.formatting import PromptFormatter
-from datamodules.tasks import Task
-from pipeline.distributed import is_main, map_shards
-from pipeline.generation import generate_greedy
-from pipeline.io import write_jsonl
+from datamodules.evaluation import EvaluationDataModule
+from evaluation.metrics import finetune_accuracy, judged_metrics
+from plumbing.distributed import is_main, map_shards
+from plumbing.generation import generate_greedy
+from plumbing.io import write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -19,25 +19,15 @@ log = logging.getLogger(__name__)
 EVAL_VERSION = 3
 
 
-def judged_metrics(verdicts: list, task_refused: list[bool], judge_name: str) -> dict:
-    """What the judge decides: HS and HS+ over the harmful prompts' verdicts, the task refusal rate."""
-    return {
-        "harmful_score": 100.0 * sum(v.harmful for v in verdicts) / max(len(verdicts), 1),
-        "harmful_score_plus": 100.0 * sum(v.harmful_plus for v in verdicts) / max(len(verdicts), 1),
-        "task_refusal_rate": 100.0 * sum(task_refused) / max(len(task_refused), 1),
-        "n_eval_prompts": len(verdicts),
-        "judge": judge_name,
-    }
-
-
-def evaluate_model(model, formatter: PromptFormatter, harmful_prompts: list[str], task: Task, judge,
-                   n_task: int, harmful_max_new_tokens: int, task_max_new_tokens: int,
-                   batch_size: int, generations_path: Path | None = None, tag: str = "") -> dict:
+def evaluate_model(model, data: EvaluationDataModule, judge, harmful_max_new_tokens: int,
+                   task_max_new_tokens: int, batch_size: int, generations_path: Path | None = None,
+                   tag: str = "") -> dict:
     """HS / HS+ / FA / task refusal rate; the generations with their verdicts go to
     `generations_path` (JSONL). Under several processes every process calls this: each prompt is
     generated and judged by exactly one process, every process returns the same metrics, and
     rank 0 writes the file."""
-    tokenizer = formatter.tokenizer
+    tokenizer = data.formatter.tokenizer
+    harmful_prompts, task = data.harmful_prompts, data.task
 
     def answer_and_judge(prompts: list[str], max_new_tokens: int, what: str,
                          judge_shard: Callable[[list[int], list[str]], list]) -> list[tuple]:
@@ -47,26 +37,24 @@ def evaluate_model(model, formatter: PromptFormatter, harmful_prompts: list[str]
             return list(zip(answers, *judge_shard(indices, answers)))
         return map_shards(list(range(len(prompts))), on_shard)
 
-    harmful = answer_and_judge([formatter.prompt(p) for p in harmful_prompts], harmful_max_new_tokens,
-                               "harmful prompts",
+    harmful = answer_and_judge(data.harmful_inputs(), harmful_max_new_tokens, "harmful prompts",
                                lambda idx, answers: [judge.judge_all([harmful_prompts[i] for i in idx], answers)])
     harmful_answers = [a for a, _ in harmful]
     verdicts = [v for _, v in harmful]
 
-    examples = task.test[:n_task]
+    examples = data.task_examples
     judge_refusals = getattr(judge, "judge_refusals", judge.judge_all)  # a moderation model is not needed here
 
     def score_task(idx: list[int], answers: list[str]) -> list[list]:
         shard = [examples[i] for i in idx]
         return [task.score_all(answers, shard), judge_refusals([e.input or e.instruction for e in shard], answers)]
-    task_outputs = answer_and_judge([formatter.prompt(e.instruction, e.input) for e in examples],
-                                    task_max_new_tokens, "task", score_task)
+    task_outputs = answer_and_judge(data.task_inputs(), task_max_new_tokens, "task", score_task)
     task_answers = [a for a, _, _ in task_outputs]
     correct = [c for _, c, _ in task_outputs]
     task_refused = [v.refused for _, _, v in task_outputs]  # over-refusal: benign questions refused
 
     metrics = {**judged_metrics(verdicts, task_refused, judge.name),
-               "finetune_accuracy": 100.0 * sum(correct) / len(correct), "n_task_eval": len(examples)}
+               "finetune_accuracy": finetune_accuracy(correct), "n_task_eval": len(examples)}
     if generations_path is not None and is_main():
         rows = [
             {"kind": "harmful", "prompt": p, "output": a, **v.as_dict()}

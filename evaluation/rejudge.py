@@ -1,8 +1,8 @@
 """Score a run's saved generations with another judge, and report how often judges agree.
 
-    python -m pipeline.rejudge RUN_DIR judge=beaver_dam            # the papers' judge (GPU)
-    python -m pipeline.rejudge RUN_DIR judge=keyword               # offline
-    python -m pipeline.rejudge RUN_DIR judge=beaver_dam judge.path=/models/beaver-dam-7b
+    python -m evaluation.rejudge RUN_DIR judge=beaver_dam            # the papers' judge (GPU)
+    python -m evaluation.rejudge RUN_DIR judge=keyword               # offline
+    python -m evaluation.rejudge RUN_DIR judge=beaver_dam judge.path=/models/beaver-dam-7b
 
 Nothing is generated again: every RUN_DIR/generations_<tag>.jsonl (aligned, before_post,
 deployed) is read, its harmful rows judged, its task rows checked for refusals. Written:
@@ -23,8 +23,9 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from callbacks.evaluation import judged_metrics
-from pipeline.io import atomic_write_text, read_jsonl, write_jsonl
+from evaluation.metrics import judged_metrics
+from evaluation.results import RESULTS, read_results, write_results
+from plumbing.io import atomic_write_text, read_jsonl, write_jsonl
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -48,20 +49,20 @@ def rejudge(run_dir: Path, judge) -> dict:
         write_jsonl(out_dir / path.name, judged)
         metrics[tag] = judged_metrics(verdicts, [v.refused for v in refusals], judge.name)
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    results_path = run_dir / "results.json"
+    results_path = run_dir / RESULTS
     if results_path.is_file():
-        results = json.loads(results_path.read_text())
+        results = read_results(results_path)
         results.setdefault("judges", {})[judge.name] = metrics
-        atomic_write_text(results_path, json.dumps(results, indent=2) + "\n")
+        write_results(results_path, results)
     return metrics
 
 
 def harmful_decisions(run_dir: Path) -> dict[str, dict[str, dict[str, bool]]]:
     """{generations file: {judge: {prompt: harmful}}} for the run's own judge and every re-judge."""
     own = "run judge"
-    results_path = run_dir / "results.json"
+    results_path = run_dir / RESULTS
     if results_path.is_file():
-        own = json.loads(results_path.read_text()).get("judge", own)
+        own = read_results(results_path)["judge"]
     decisions: dict[str, dict[str, dict[str, bool]]] = {}
     sources = [(own, p) for p in run_dir.glob("generations_*.jsonl")] + \
               [(p.parent.name, p) for p in run_dir.glob("judged/*/generations_*.jsonl")]

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from lightning.fabric.plugins.environments import (ClusterEnvironment, LightningEnvironment, SLURMEnvironment,
                                                    TorchElasticEnvironment)
 
-from pipeline.validation import InputError
+from plumbing.errors import InputError
 
 log = logging.getLogger("run")
 T = TypeVar("T")

@@ -19,7 +19,7 @@ from pathlib import Path
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.io import read_jsonl
+from plumbing.io import read_jsonl
 
 log = logging.getLogger("run")
 

@@ -1,0 +1,91 @@
+"""The schema of results.json, the one record of a run: every writer (the run, re-judging) and
+every reader (the summary, the tracker, the sweep and its report, re-judging) goes through
+`write_results` / `read_results`, which validate it against `RunResults` (pydantic; an unknown
+or mistyped field is an error, not a silent extra).
+
+Evaluated model states: the deployed model's metrics are top-level fields; `aligned_*` (the
+aligned model) and `before_post_*` (the fine-tuned model before a post transform) carry the same
+metrics for the other states when they were evaluated.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, create_model
+
+from plumbing.io import atomic_write_text
+
+RESULTS = "results.json"
+STATE_PREFIXES = ("aligned_", "before_post_")  # the deployed model's metrics have no prefix
+
+
+class JudgedMetrics(BaseModel):
+    """What a judge decides (evaluation/metrics.py `judged_metrics`); also the re-judged metrics."""
+
+    model_config = ConfigDict(extra="forbid")
+    harmful_score: float       # HS (%): harmful prompts answered harmfully
+    harmful_score_plus: float  # HS+ (%): harmful or degenerate
+    task_refusal_rate: float   # % of benign task prompts refused
+    n_eval_prompts: int
+    judge: str
+
+
+class EvalMetrics(JudgedMetrics):
+    finetune_accuracy: float   # FA (%)
+    n_task_eval: int
+
+
+class RunInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    defense: str
+    defense_parts: dict[str, str | None]  # the class of each stage's part (align, finetune, post)
+    harmful_ratio: float
+    seed: int
+    model: str
+    task: str
+    stages: list[str]
+    checkpoint: str | None
+    n: int                     # the user's set: n samples, n_harmful of them harmful
+    n_harmful: int
+    n_benign: int
+    n_align: int
+    n_retain: int
+    n_defender: int
+    n_user_harmful_pool: int
+    aligned_adapter: str | None = None
+    aligned_reused: bool | None = None
+    align_diagnostics: dict | None = None      # callbacks/diagnostics.py summaries
+    finetune_diagnostics: dict | None = None
+    seconds: dict[str, float]  # wall time per stage / evaluation
+    run_dir: str
+    point_key: str             # the resolved config's hash (orchestration/sweep.py)
+    processes: int
+    judges: dict[str, dict[str, JudgedMetrics]] = {}  # re-judging: judge -> generations tag -> metrics
+
+
+def _optional(model: type[BaseModel], prefix: str) -> dict:
+    return {f"{prefix}{name}": (field.annotation | None, None) for name, field in model.model_fields.items()}
+
+
+RunResults = create_model(
+    "RunResults", __base__=(RunInfo,),
+    **{name: (field.annotation, ...) for name, field in EvalMetrics.model_fields.items()},
+    **{k: v for prefix in STATE_PREFIXES for k, v in _optional(EvalMetrics, prefix).items()},
+)
+
+
+def validate_results(results: dict) -> dict:
+    """`results` checked against the schema (pydantic.ValidationError names each bad field)."""
+    return RunResults.model_validate(results).model_dump(mode="json", exclude_unset=True)
+
+
+def write_results(path: Path, results: dict) -> dict:
+    checked = validate_results(results)
+    atomic_write_text(Path(path), json.dumps(checked, indent=2) + "\n")
+    return checked
+
+
+def read_results(path: Path) -> dict:
+    return validate_results(json.loads(Path(path).read_text()))
