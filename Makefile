@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 ARGS ?= defense=sft harmful_ratio=0.1
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-slow clean-cache
+.PHONY: setup run test test-fast test-slow lint format clean-cache
 
 setup: $(STAMP)
 
@@ -24,8 +24,21 @@ $(STAMP): pyproject.toml
 run: setup
 	$(BIN)/python run.py $(ARGS)
 
-test: setup
+# What CI runs (.ci/run): the linter, the formatter's check, then every test but the slow/GPU ones.
+test: setup lint
 	$(BIN)/python -m pytest -q
+
+# The inner loop: unit, math and data tests; end-to-end runs (marked e2e) are left to `make test`.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not gpu and not e2e"
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

@@ -1,8 +1,8 @@
 """Entry point: align -> finetune -> post -> eval (orchestration/stages.py), configured by Hydra (conf/).
 
-    python run.py defense=sft harmful_ratio=0.1
-    python run.py -m defense=sft harmful_ratio=0,0.1,0.2 seed=0,1
-    python run.py stages=[eval] checkpoint=outputs/RUN/adapters/deployed.safetensors
+python run.py defense=sft harmful_ratio=0.1
+python run.py -m defense=sft harmful_ratio=0,0.1,0.2 seed=0,1
+python run.py stages=[eval] checkpoint=outputs/RUN/adapters/deployed.safetensors
 """
 
 from __future__ import annotations
@@ -14,19 +14,19 @@ from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import hydra  # noqa: E402
-from hydra.core.hydra_config import HydraConfig  # noqa: E402
-from hydra.types import RunMode  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
 
-from evaluation.results import RESULTS  # noqa: E402
-from orchestration.stages import run  # noqa: E402
-from orchestration.summary import print_summary  # noqa: E402
-from orchestration.sweep import FAILED, clear_failure, finished, point_key, record_failure  # noqa: E402
-from orchestration.validation import validate_config  # noqa: E402
-from plumbing import distributed  # noqa: E402
-from plumbing.distributed import broadcast, is_main  # noqa: E402
-from plumbing.errors import InputError  # noqa: E402
+from evaluation.results import RESULTS
+from orchestration.stages import run
+from orchestration.summary import print_summary
+from orchestration.sweep import FAILED, clear_failure, finished, point_key, record_failure
+from orchestration.validation import validate_config
+from plumbing import distributed
+from plumbing.distributed import broadcast, is_main
+from plumbing.errors import InputError
 
 log = logging.getLogger("run")
 
@@ -63,7 +63,7 @@ def run_grid_point(cfg: DictConfig, run_dir: Path) -> float | None:
         (run_dir / RESULTS).unlink(missing_ok=True)  # a stale result of another config
     try:
         results = run(cfg, run_dir)
-    except Exception as err:  # noqa: BLE001 - every failure is recorded, the grid goes on
+    except Exception as err:
         if is_main():
             record_failure(run_dir, err)
         log.error("point failed (recorded in %s): %s", run_dir / FAILED, err)

@@ -28,7 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 DEFENSES = {  # harmful_batch_size None = the user batch size
     "sft": ("lightning_modules.causal_lm", "CausalLMModule", {}),
     "panacea": ("lightning_modules.panacea", "PanaceaModule", {"harmful_batch_size": None}),
-    "antibody_align": ("lightning_modules.antibody", "AntibodyAlignModule", {"harmful_batch_size": None}),
+    "antibody_align": (
+        "lightning_modules.antibody",
+        "AntibodyAlignModule",
+        {"harmful_batch_size": None},
+    ),
     "antibody_weighting": ("lightning_modules.antibody", "WeightedSFTModule", {}),
 }
 # passes per step, the physical floor of the ratio (a no_grad forward is about 1/3 of a
@@ -60,12 +64,24 @@ def time_steps(defense: str, args, **trainer_kwargs) -> tuple[float, float]:
     formatter = PromptFormatter(tokenizer, "chat", args.seq_len)
     splits = build_harmful_splits(
         "pkg:pyrit/datasets/jailbreak/many_shot_examples.json",
-        [{"path": "pkg:pyrit/datasets/seed_datasets/local/adv_bench.prompt", "format": "seed_yaml"}],
-        n_defender=100, n_align=10, n_eval=10)
+        [
+            {
+                "path": "pkg:pyrit/datasets/seed_datasets/local/adv_bench.prompt",
+                "format": "seed_yaml",
+            }
+        ],
+        n_defender=100,
+        n_align=10,
+        n_eval=10,
+    )
     # only the samples the timed run uses (the weighting module scores its whole set at start/end)
-    users = [{"prompt": formatter.prompt(p.prompt), "answer": p.answer, "is_harmful": False}
-             for p in splits.user_pairs][:args.batch_size * (args.warmup + args.steps)]
-    dm = SupervisedDataModule(users, formatter, args.batch_size, seed=0, defender_pairs=splits.defender_pairs)
+    users = [
+        {"prompt": formatter.prompt(p.prompt), "answer": p.answer, "is_harmful": False}
+        for p in splits.user_pairs
+    ][: args.batch_size * (args.warmup + args.steps)]
+    dm = SupervisedDataModule(
+        users, formatter, args.batch_size, seed=0, defender_pairs=splits.defender_pairs
+    )
     module_name, class_name, extra = DEFENSES[defense]
     extra = {k: (args.batch_size if v is None else v) for k, v in extra.items()}
     cls = getattr(importlib.import_module(module_name), class_name)
@@ -80,12 +96,19 @@ def time_steps(defense: str, args, **trainer_kwargs) -> tuple[float, float]:
         def on_train_batch_end(self, *a):
             times.append(time.perf_counter() - self.start)
 
-    trainer = L.Trainer(max_steps=args.warmup + args.steps, accelerator="cpu", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[Timer()], **trainer_kwargs)
+    trainer = L.Trainer(
+        max_steps=args.warmup + args.steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Timer()],
+        **trainer_kwargs,
+    )
     reset_peak_rss()  # the peak of training, not of loading the model (GGUF dequantization)
     trainer.fit(module, datamodule=dm)
-    return statistics.median(times[args.warmup:]), peak_rss_mib()
+    return statistics.median(times[args.warmup :]), peak_rss_mib()
 
 
 def reset_peak_rss() -> None:
@@ -104,7 +127,9 @@ def peak_rss_mib() -> float:
 
 
 def parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -130,15 +155,21 @@ def step_table(args) -> list[str]:
 
     sft_step = statistics.median(s for s, _ in results["sft"])
     sft_peak = statistics.median(p for _, p in results["sft"])
-    lines = [f"model={args.model} batch={args.batch_size}x{args.seq_len} steps={args.steps} reps={args.reps}", "",
-             "| defense | step time (s, median) | ratio vs SFT | floor (passes) | target | peak RSS in training (MiB) "
-             "| ratio vs SFT | target |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"model={args.model} batch={args.batch_size}x{args.seq_len} steps={args.steps} reps={args.reps}",
+        "",
+        "| defense | step time (s, median) | ratio vs SFT | floor (passes) | target | peak RSS in training (MiB) "
+        "| ratio vs SFT | target |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for defense, rows in results.items():
         step = statistics.median(s for s, _ in rows)
         peak = statistics.median(p for _, p in rows)
-        lines.append(f"| {defense} | {step:.2f} | {step / sft_step:.2f}x | {FLOOR[defense]} | "
-                     f"{verdict(step / sft_step, TARGET[defense])} | {peak:.0f} | {peak / sft_peak:.2f}x | "
-                     f"{verdict(peak / sft_peak, MEMORY_TARGET.get(defense))} |")
+        lines.append(
+            f"| {defense} | {step:.2f} | {step / sft_step:.2f}x | {FLOOR[defense]} | "
+            f"{verdict(step / sft_step, TARGET[defense])} | {peak:.0f} | {peak / sft_peak:.2f}x | "
+            f"{verdict(peak / sft_peak, MEMORY_TARGET.get(defense))} |"
+        )
     return lines
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import lightning as L
 import torch
@@ -44,7 +44,9 @@ class DefenseDiagnostics(L.Callback):
         atomic_write_text(self.folder / SUMMARY, json.dumps(self.summary, indent=2) + "\n")
 
 
-def writer_for(module: L.LightningModule) -> Callable[[L.LightningModule, Path, object], dict] | None:
+def writer_for(
+    module: L.LightningModule,
+) -> Callable[[L.LightningModule, Path, object], dict] | None:
     for cls, writer in WRITERS.items():
         if isinstance(module, cls):
             return writer
@@ -56,25 +58,37 @@ def antibody_lambda(module: AntibodyAlignModule, folder: Path, logger) -> dict:
     write_csv(folder / "antibody_lambda.csv", module.history)
     fig, axes = new_figure(ncols=2, width=10)
     steps = [h["step"] for h in module.history]
-    axes[0][0].plot(steps, [h["lambda_raw"] for h in module.history], lw=0.8, alpha=0.6, label="λ raw")
+    axes[0][0].plot(
+        steps, [h["lambda_raw"] for h in module.history], lw=0.8, alpha=0.6, label="λ raw"
+    )
     axes[0][0].plot(steps, [h["lambda_t"] for h in module.history], lw=1.5, label="λ_t (EMA)")
-    axes[0][0].set(xlabel="alignment step", ylabel="λ", title=f"λ over alignment ({module.lambda_rule} rule)")
+    axes[0][0].set(
+        xlabel="alignment step", ylabel="λ", title=f"λ over alignment ({module.lambda_rule} rule)"
+    )
     axes[0][0].legend()
     for key in ("harmful_loss", "harmful_loss_after_attack", "align_loss"):
         axes[0][1].plot(steps, [h[key] for h in module.history], lw=1, label=key)
-    axes[0][1].set(xlabel="alignment step", ylabel="loss", title="harmful loss before/after the simulated attack")
+    axes[0][1].set(
+        xlabel="alignment step",
+        ylabel="loss",
+        title="harmful loss before/after the simulated attack",
+    )
     axes[0][1].legend(fontsize=7)
     save_figure(fig, folder / "antibody_lambda.png", logger)
     last = module.history[-1] if module.history else {}
-    return {"steps": len(module.history), "final_lambda_t": last.get("lambda_t"),
-            "mean_cos_A_S": sum(h["cos_A_S"] for h in module.history) / max(len(module.history), 1)}
+    return {
+        "steps": len(module.history),
+        "final_lambda_t": last.get("lambda_t"),
+        "mean_cos_A_S": sum(h["cos_A_S"] for h in module.history) / max(len(module.history), 1),
+    }
 
 
 def antibody_weights(module: WeightedSFTModule, folder: Path, logger) -> dict:
     """antibody_scores.csv/.png: r of benign vs harmful samples before and after fine-tuning;
     antibody_weights.csv/.png: the weight each sample got at each step."""
-    rows = [{"phase": "before", **r} for r in module.scores_before] + \
-           [{"phase": "after", **r} for r in module.scores_after]
+    rows = [{"phase": "before", **r} for r in module.scores_before] + [
+        {"phase": "after", **r} for r in module.scores_after
+    ]
     write_csv(folder / "antibody_scores.csv", rows)
     write_csv(folder / "antibody_weights.csv", module.step_records)
     summary = {}
@@ -87,7 +101,9 @@ def antibody_weights(module: WeightedSFTModule, folder: Path, logger) -> dict:
         ax.hist(harmful, bins=30, alpha=0.6, label=f"harmful (n={len(harmful)})")
         auroc = separation(benign, harmful)
         summary[f"score_auroc_{phase}"] = auroc
-        title = f"r {phase} fine-tuning" + (f" (AUROC benign>harmful {auroc:.2f})" if auroc is not None else "")
+        title = f"r {phase} fine-tuning" + (
+            f" (AUROC benign>harmful {auroc:.2f})" if auroc is not None else ""
+        )
         ax.set(xlabel="r = meanNLL(refusal) − meanNLL(answer)", ylabel="samples", title=title)
         ax.legend(fontsize=7)
     save_figure(fig, folder / "antibody_scores.png", logger)
@@ -103,13 +119,18 @@ def antibody_weights(module: WeightedSFTModule, folder: Path, logger) -> dict:
     axes[0][0].plot(steps, relative[False], label="benign")
     axes[0][0].plot(steps, relative[True], label="harmful")
     axes[0][0].axhline(1.0, color="grey", lw=0.8, ls="--", label="uniform (plain SFT)")
-    axes[0][0].set(xlabel="fine-tuning step", ylabel="mean weight × batch size",
-                   title="weights of harmful vs benign samples")
+    axes[0][0].set(
+        xlabel="fine-tuning step",
+        ylabel="mean weight × batch size",
+        title="weights of harmful vs benign samples",
+    )
     axes[0][0].legend(fontsize=7)
     save_figure(fig, folder / "antibody_weights.png", logger)
     harmful_ws = [r["weight"] * r["batch_size"] for r in module.step_records if r["is_harmful"]]
     benign_ws = [r["weight"] * r["batch_size"] for r in module.step_records if not r["is_harmful"]]
-    summary["harmful_mean_relative_weight"] = sum(harmful_ws) / len(harmful_ws) if harmful_ws else None
+    summary["harmful_mean_relative_weight"] = (
+        sum(harmful_ws) / len(harmful_ws) if harmful_ws else None
+    )
     summary["benign_mean_relative_weight"] = sum(benign_ws) / len(benign_ws) if benign_ws else None
     return summary
 
@@ -140,11 +161,15 @@ def layer_norms(tensors: dict[str, torch.Tensor]) -> list[dict]:
         layer, module = _LAYER.search(name), _MODULE.search(name)
         key = (int(layer.group(1)) if layer else -1, module.group(1) if module else "other")
         squares[key] += float(t.float().pow(2).sum())
-    return [{"layer": layer, "module": module, "norm": value ** 0.5}
-            for (layer, module), value in sorted(squares.items())]
+    return [
+        {"layer": layer, "module": module, "norm": value**0.5}
+        for (layer, module), value in sorted(squares.items())
+    ]
 
 
-def write_layer_norms(tensors: dict[str, torch.Tensor], folder: Path, name: str, logger=None) -> list[dict]:
+def write_layer_norms(
+    tensors: dict[str, torch.Tensor], folder: Path, name: str, logger=None
+) -> list[dict]:
     """`<name>_layer_norms.csv` and `.png` (a bar per layer, stacked by module type); the figure
     and the per-layer norms are also logged to `logger` when one is given."""
     rows = layer_norms(tensors)
@@ -154,8 +179,10 @@ def write_layer_norms(tensors: dict[str, torch.Tensor], folder: Path, name: str,
     ax = axes[0][0]
     bottom = [0.0] * len(layers)
     for module in sorted({r["module"] for r in rows}):
-        values = [next((r["norm"] for r in rows if r["layer"] == layer and r["module"] == module), 0.0)
-                  for layer in layers]
+        values = [
+            next((r["norm"] for r in rows if r["layer"] == layer and r["module"] == module), 0.0)
+            for layer in layers
+        ]
         ax.bar(layers, values, bottom=bottom, label=module)
         bottom = [b + v for b, v in zip(bottom, values)]
     ax.set_xlabel("transformer layer")
@@ -163,7 +190,9 @@ def write_layer_norms(tensors: dict[str, torch.Tensor], folder: Path, name: str,
     ax.set_title(f"Layer-wise norm of {name}")
     ax.legend(fontsize=7)
     if logger:
-        logger.log_metrics({f"{name}_norm/layer{r['layer']}_{r['module']}": r["norm"] for r in rows})
+        logger.log_metrics(
+            {f"{name}_norm/layer{r['layer']}_{r['module']}": r["norm"] for r in rows}
+        )
         logger.save()
     save_figure(fig, folder / f"{name}_layer_norms.png", logger)
     return rows

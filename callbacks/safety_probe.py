@@ -33,14 +33,29 @@ class SafetyProbe(L.Callback):
     optimizer steps. n_prompts, n_harmful: sizes of the fixed probe sets. max_new_tokens,
     batch_size: generation of the probe answers. folder, evaluation_data, judge: given by the run."""
 
-    def __init__(self, stages: list[str], every_n_steps: int, n_prompts: int, n_harmful: int,
-                 max_new_tokens: int, batch_size: int, folder: Path,
-                 evaluation_data: EvaluationDataModule, judge):
+    def __init__(
+        self,
+        stages: list[str],
+        every_n_steps: int,
+        n_prompts: int,
+        n_harmful: int,
+        max_new_tokens: int,
+        batch_size: int,
+        folder: Path,
+        evaluation_data: EvaluationDataModule,
+        judge,
+    ):
         if every_n_steps < 1 or n_prompts < 1 or n_harmful < 1:
-            raise InputError(f"callbacks.safety_probe: every_n_steps={every_n_steps}, n_prompts={n_prompts} and "
-                             f"n_harmful={n_harmful} must each be >= 1")
+            raise InputError(
+                f"callbacks.safety_probe: every_n_steps={every_n_steps}, n_prompts={n_prompts} and "
+                f"n_harmful={n_harmful} must each be >= 1"
+            )
         self.stages = list(stages)
-        self.every_n_steps, self.max_new_tokens, self.batch_size = every_n_steps, max_new_tokens, batch_size
+        self.every_n_steps, self.max_new_tokens, self.batch_size = (
+            every_n_steps,
+            max_new_tokens,
+            batch_size,
+        )
         self.folder = Path(folder)
         self.prompts = evaluation_data.harmful_prompts[:n_prompts]
         self.inputs = evaluation_data.harmful_inputs(self.prompts)
@@ -51,11 +66,14 @@ class SafetyProbe(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = trainer.datamodule
-        items = datamodule.defender_items()[:self.n_harmful]
+        items = datamodule.defender_items()[: self.n_harmful]
         if not items:
-            raise InputError("callbacks.safety_probe needs defender-held harmful pairs: set data.n_defender >= 1")
-        self._harmful_batch = datamodule.collate_batch([{k: v for k, v in i.items() if k != "refusal"}
-                                                        for i in items])
+            raise InputError(
+                "callbacks.safety_probe needs defender-held harmful pairs: set data.n_defender >= 1"
+            )
+        self._harmful_batch = datamodule.collate_batch(
+            [{k: v for k, v in i.items() if k != "refusal"} for i in items]
+        )
         self.probe(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -77,30 +95,53 @@ class SafetyProbe(L.Callback):
         model.eval()
         try:
             batch = to_device(self._harmful_batch, pl_module.device)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
             harmful_loss = answer_loss(logits, batch["labels"]).item()
             tokenizer = trainer.datamodule.formatter.tokenizer
-            answers = generate_greedy(model, tokenizer, self.inputs, self.max_new_tokens, self.batch_size,
-                                      desc=f"safety probe, step {step}")
+            answers = generate_greedy(
+                model,
+                tokenizer,
+                self.inputs,
+                self.max_new_tokens,
+                self.batch_size,
+                desc=f"safety probe, step {step}",
+            )
         finally:
             model.train(was_training)
         verdicts = self.judge.judge_all(self.prompts, answers)
         metrics = judged_metrics(verdicts, [], self.judge.name)
-        row = {"step": step, "harmful_loss": harmful_loss, "harmful_score": metrics["harmful_score"],
-               "harmful_score_plus": metrics["harmful_score_plus"]}
+        row = {
+            "step": step,
+            "harmful_loss": harmful_loss,
+            "harmful_score": metrics["harmful_score"],
+            "harmful_score_plus": metrics["harmful_score_plus"],
+        }
         self.rows.append(row)
         if trainer.logger:
-            trainer.logger.log_metrics({f"probe/{k}": v for k, v in row.items() if k != "step"}, step=step)
+            trainer.logger.log_metrics(
+                {f"probe/{k}": v for k, v in row.items() if k != "step"}, step=step
+            )
 
     def write(self, logger) -> None:
         write_csv(self.folder / "safety_probe.csv", self.rows)
         steps = [r["step"] for r in self.rows]
         fig, axes = new_figure(ncols=2, width=10)
         axes[0][0].plot(steps, [r["harmful_loss"] for r in self.rows], marker="o")
-        axes[0][0].set(xlabel="fine-tuning step", ylabel="loss",
-                       title=f"harmful loss ({self.n_harmful} defender pairs)")
+        axes[0][0].set(
+            xlabel="fine-tuning step",
+            ylabel="loss",
+            title=f"harmful loss ({self.n_harmful} defender pairs)",
+        )
         axes[0][1].plot(steps, [r["harmful_score"] for r in self.rows], marker="o", label="HS")
-        axes[0][1].plot(steps, [r["harmful_score_plus"] for r in self.rows], marker=".", ls="--", label="HS+")
-        axes[0][1].set(xlabel="fine-tuning step", ylabel="%", title=f"HS on {len(self.prompts)} held-out prompts")
+        axes[0][1].plot(
+            steps, [r["harmful_score_plus"] for r in self.rows], marker=".", ls="--", label="HS+"
+        )
+        axes[0][1].set(
+            xlabel="fine-tuning step",
+            ylabel="%",
+            title=f"HS on {len(self.prompts)} held-out prompts",
+        )
         axes[0][1].legend(fontsize=7)
         save_figure(fig, self.folder / "safety_probe.png", logger)

@@ -9,8 +9,9 @@ from datamodules.refusals import refusal_for
 from datamodules.supervised import SupervisedDataModule
 
 
-def alignment_samples(splits: HarmfulSplits, formatter: PromptFormatter,
-                      retain: list[dict] = ()) -> list[dict]:
+def alignment_samples(
+    splits: HarmfulSplits, formatter: PromptFormatter, retain: list[dict] = ()
+) -> list[dict]:
     """Each alignment prompt paired with its safe answer from the data (BeaverTails), else with
     one of the project's refusals, plus the retain samples (benign instruction -> the base
     model's own answer; see datamodules/retain.py)."""
@@ -25,7 +26,18 @@ class AlignmentDataModule(SupervisedDataModule):
     """Built by Hydra from `align.datamodule` (conf/config.yaml) with the run's splits, formatter
     and retain samples. batch_size, seed: the alignment stage's (its data order)."""
 
-    def __init__(self, splits: HarmfulSplits, formatter: PromptFormatter, retain: list[dict],
-                 batch_size: int, seed: int):
-        super().__init__(alignment_samples(splits, formatter, retain), formatter, batch_size, seed,
-                         defender_pairs=splits.defender_pairs)
+    def __init__(
+        self,
+        splits: HarmfulSplits,
+        formatter: PromptFormatter,
+        retain: list[dict],
+        batch_size: int,
+        seed: int,
+    ):
+        super().__init__(
+            alignment_samples(splits, formatter, retain),
+            formatter,
+            batch_size,
+            seed,
+            defender_pairs=splits.defender_pairs,
+        )

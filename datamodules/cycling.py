@@ -18,7 +18,9 @@ class CyclingBatches:
 
     def _restart(self) -> None:
         if isinstance(self.loader.sampler, DistributedSampler):
-            self.loader.sampler.set_epoch(self._pass)  # a new permutation each pass, same on every rank
+            self.loader.sampler.set_epoch(
+                self._pass
+            )  # a new permutation each pass, same on every rank
         self._iterator = iter(self.loader)
         self._pass += 1
 

@@ -14,7 +14,9 @@ class EvaluationDataModule(L.LightningDataModule):
     prompts, task and formatter. n_task: how many of the task's test examples FA is measured on
     (the first n_task)."""
 
-    def __init__(self, harmful_prompts: list[str], task: Task, formatter: PromptFormatter, n_task: int):
+    def __init__(
+        self, harmful_prompts: list[str], task: Task, formatter: PromptFormatter, n_task: int
+    ):
         super().__init__()
         self.harmful_prompts = list(harmful_prompts)
         self.task = task
@@ -23,7 +25,9 @@ class EvaluationDataModule(L.LightningDataModule):
 
     def harmful_inputs(self, prompts: list[str] | None = None) -> list[str]:
         """The harmful prompts (or a subset of them) as the model sees them."""
-        return [self.formatter.prompt(p) for p in (self.harmful_prompts if prompts is None else prompts)]
+        return [
+            self.formatter.prompt(p) for p in (self.harmful_prompts if prompts is None else prompts)
+        ]
 
     def task_inputs(self) -> list[str]:
         return [self.formatter.prompt(e.instruction, e.input) for e in self.task_examples]

@@ -50,10 +50,12 @@ class PromptFormatter:
         """
         tok = self.tokenizer
         prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        answer_ids = tok(answer, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if add_eos else [])
+        answer_ids = tok(answer, add_special_tokens=False)["input_ids"] + (
+            [tok.eos_token_id] if add_eos else []
+        )
         room = self.max_length - len(prompt_ids)
         if room < 1:
-            prompt_ids = prompt_ids[-(self.max_length - 1):]
+            prompt_ids = prompt_ids[-(self.max_length - 1) :]
             room = 1
         answer_ids = answer_ids[:room]
         return {
@@ -78,5 +80,7 @@ def collate(features: list[dict], pad_id: int) -> dict:
     for key in features[0]:
         if key not in batch:
             values = [f[key] for f in features]
-            batch[key] = torch.tensor(values) if isinstance(values[0], (int, float, bool)) else values
+            batch[key] = (
+                torch.tensor(values) if isinstance(values[0], (int, float, bool)) else values
+            )
     return batch

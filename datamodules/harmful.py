@@ -92,7 +92,7 @@ def build_harmful_splits(
         user_pairs=pairs[n_defender:],
         defender_pairs=pairs[:n_defender],
         eval_prompts=prompts[:n_eval],
-        align_prompts=prompts[n_eval:n_eval + n_align],
+        align_prompts=prompts[n_eval : n_eval + n_align],
         pairs_source=harmful_pairs,
     )
 
@@ -105,8 +105,14 @@ def splits_from_config(data: dict) -> HarmfulSplits:
         from hydra.utils import get_method
 
         return get_method(builder)(data)
-    return build_harmful_splits(data["harmful_pairs"], data["prompt_sources"], data["n_defender"],
-                                data["n_align"], data["n_eval"], data["split_seed"])
+    return build_harmful_splits(
+        data["harmful_pairs"],
+        data["prompt_sources"],
+        data["n_defender"],
+        data["n_align"],
+        data["n_eval"],
+        data["split_seed"],
+    )
 
 
 BEAVERTAILS_COLUMNS = ("prompt", "response", "category", "is_safe")
@@ -122,38 +128,58 @@ def beavertails_splits(data: dict) -> HarmfulSplits:
     A prompt (normalized) gets exactly one role; the eval prompts are removed from the train pools."""
     from datamodules.hub import load_rows
 
-    train = load_rows(data["hub_name"], data["train_split"], data.get("train_path"), columns=BEAVERTAILS_COLUMNS)
-    test = load_rows(data["hub_name"], data["test_split"], data.get("test_path"), columns=BEAVERTAILS_COLUMNS)
+    train = load_rows(
+        data["hub_name"], data["train_split"], data.get("train_path"), columns=BEAVERTAILS_COLUMNS
+    )
+    test = load_rows(
+        data["hub_name"], data["test_split"], data.get("test_path"), columns=BEAVERTAILS_COLUMNS
+    )
     n_align, n_defender, n_eval = data["n_align"], data["n_defender"], data["n_eval"]
 
     def unsafe(rows):
         return _unique([r for r in rows if not r["is_safe"]], key=lambda r: normalize(r["prompt"]))
+
     eval_rows = unsafe(test)
     rng = random.Random(data["split_seed"])
     rng.shuffle(eval_rows)
     eval_keys = {normalize(r["prompt"]) for r in eval_rows[:n_eval]}
     harmful = [r for r in unsafe(train) if normalize(r["prompt"]) not in eval_keys]
     harmful_keys = {normalize(r["prompt"]) for r in harmful}
-    safe = _unique([r for r in train if r["is_safe"] and normalize(r["prompt"]) not in harmful_keys | eval_keys],
-                   key=lambda r: normalize(r["prompt"]))
+    safe = _unique(
+        [
+            r
+            for r in train
+            if r["is_safe"] and normalize(r["prompt"]) not in harmful_keys | eval_keys
+        ],
+        key=lambda r: normalize(r["prompt"]),
+    )
 
     problems = []
     if not 1 <= n_eval <= len(eval_rows):
-        problems.append(f"data.n_eval={n_eval} must be in [1, {len(eval_rows)}]: the distinct unsafe prompts of "
-                        f"{data['test_split']}")
+        problems.append(
+            f"data.n_eval={n_eval} must be in [1, {len(eval_rows)}]: the distinct unsafe prompts of "
+            f"{data['test_split']}"
+        )
     if not 0 <= n_defender < len(harmful):
-        problems.append(f"data.n_defender={n_defender} must be in [0, {len(harmful) - 1}]: the distinct unsafe "
-                        f"pairs of {data['train_split']} (the user's pool needs at least one)")
+        problems.append(
+            f"data.n_defender={n_defender} must be in [0, {len(harmful) - 1}]: the distinct unsafe "
+            f"pairs of {data['train_split']} (the user's pool needs at least one)"
+        )
     if not 1 <= n_align <= len(safe):
-        problems.append(f"data.n_align={n_align} must be in [1, {len(safe)}]: the distinct safe pairs of "
-                        f"{data['train_split']} whose prompt has no unsafe pair (a larger split, e.g. 330k_train, has more)")
+        problems.append(
+            f"data.n_align={n_align} must be in [1, {len(safe)}]: the distinct safe pairs of "
+            f"{data['train_split']} whose prompt has no unsafe pair (a larger split, e.g. 330k_train, has more)"
+        )
     if problems:
         raise InputError("; ".join(problems))
     rng.shuffle(harmful)
     rng.shuffle(safe)
     pairs = [HarmfulPair(r["prompt"], r["response"]) for r in harmful]
     return HarmfulSplits(
-        user_pairs=pairs[n_defender:], defender_pairs=pairs[:n_defender],
-        align_prompts=[r["prompt"] for r in safe[:n_align]], align_answers=[r["response"] for r in safe[:n_align]],
-        eval_prompts=[r["prompt"] for r in eval_rows[:n_eval]], pairs_source=f"{data['hub_name']} [{data['train_split']}]",
+        user_pairs=pairs[n_defender:],
+        defender_pairs=pairs[:n_defender],
+        align_prompts=[r["prompt"] for r in safe[:n_align]],
+        align_answers=[r["response"] for r in safe[:n_align]],
+        eval_prompts=[r["prompt"] for r in eval_rows[:n_eval]],
+        pairs_source=f"{data['hub_name']} [{data['train_split']}]",
     )

@@ -15,8 +15,13 @@ from plumbing.errors import InputError
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def load_rows(name: str, split: str, path: str | None = None, config: str | None = None,
-              columns: tuple[str, ...] = ()) -> list[dict]:
+def load_rows(
+    name: str,
+    split: str,
+    path: str | None = None,
+    config: str | None = None,
+    columns: tuple[str, ...] = (),
+) -> list[dict]:
     """The rows of `name` (hub id) / `config` / `split`, or of the local file `path`; `columns`
     must all be present (the hub schema), else one error naming the missing ones."""
     from datasets import load_dataset
@@ -25,18 +30,24 @@ def load_rows(name: str, split: str, path: str | None = None, config: str | None
     if path:
         file = Path(path)
         if not file.is_file():
-            raise DataFileError(f"data file {path} does not exist (a local copy of {name} [{split}] in the hub's schema)")
+            raise DataFileError(
+                f"data file {path} does not exist (a local copy of {name} [{split}] in the hub's schema)"
+            )
         builder = FILE_BUILDERS.get(file.suffix)
         if builder is None:
-            raise DataFileError(f"{path}: unknown file type {file.suffix!r}; use one of {sorted(FILE_BUILDERS)}")
+            raise DataFileError(
+                f"{path}: unknown file type {file.suffix!r}; use one of {sorted(FILE_BUILDERS)}"
+            )
         try:
             dataset = load_dataset(builder, data_files=str(file), split="train")
-        except Exception as err:  # noqa: BLE001 - a malformed file, reported with its path
-            raise DataFileError(f"{path}: not a readable {builder} file of {name} rows: {err}") from err
+        except Exception as err:
+            raise DataFileError(
+                f"{path}: not a readable {builder} file of {name} rows: {err}"
+            ) from err
     else:
         try:
             dataset = load_dataset(name, config, split=split)
-        except Exception as err:  # noqa: BLE001 - offline, unknown id, gated dataset: one message
+        except Exception as err:
             raise InputError(
                 f"could not load {where} from the Hugging Face hub ({type(err).__name__}: {err}). Offline? "
                 f"set HF_HOME to a cache that holds it (and HF_DATASETS_OFFLINE=1), or pass a local file in "
@@ -44,5 +55,7 @@ def load_rows(name: str, split: str, path: str | None = None, config: str | None
             ) from err
     missing = [c for c in columns if c not in dataset.column_names]
     if missing:
-        raise DataFileError(f"{where} lacks the columns {missing} of {name} (has {dataset.column_names})")
+        raise DataFileError(
+            f"{where} lacks the columns {missing} of {name} (has {dataset.column_names})"
+        )
     return [dict(row) for row in dataset]

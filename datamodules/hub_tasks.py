@@ -17,14 +17,16 @@ the test split (the references use the first 1000; SST2's validation split has 8
 
 from __future__ import annotations
 
-import math
-import re
-
 from datamodules.hub import load_rows
 from datamodules.tasks import Task, TaskExample
+from evaluation.task_scoring import (
+    ANSWER_PROMPT,
+    agnews_label,
+    gsm8k_label,
+    gsm8k_number,
+    sst2_label,
+)
 from plumbing.errors import InputError
-
-ANSWER_PROMPT = "The final answer is: "
 
 
 class HubTask(Task):
@@ -35,15 +37,25 @@ class HubTask(Task):
     train_split, test_split = "train", "test"
     columns: tuple[str, ...] = ()
 
-    def __init__(self, n_train: int = 10000, n_test: int = 1000, seed: int = 1234,
-                 train_path: str | None = None, test_path: str | None = None):
+    def __init__(
+        self,
+        n_train: int = 10000,
+        n_test: int = 1000,
+        seed: int = 1234,
+        train_path: str | None = None,
+        test_path: str | None = None,
+    ):
         if n_train < 1 or n_test < 1:
             raise InputError(f"task.n_train and task.n_test must be >= 1 (got {n_train}, {n_test})")
-        train = load_rows(self.hub_name, self.train_split, train_path, self.hub_config, self.columns)
+        train = load_rows(
+            self.hub_name, self.train_split, train_path, self.hub_config, self.columns
+        )
         test = load_rows(self.hub_name, self.test_split, test_path, self.hub_config, self.columns)
         if len(test) < n_test:
-            raise InputError(f"task.n_test={n_test} but {self.hub_name} [{self.test_split}] has {len(test)} rows: "
-                             f"set task.n_test <= {len(test)}")
+            raise InputError(
+                f"task.n_test={n_test} but {self.hub_name} [{self.test_split}] has {len(test)} rows: "
+                f"set task.n_test <= {len(test)}"
+            )
         self.test = [self.example(row) for row in test[:n_test]]
         self.train = [self.example(row) for row in train[:n_train]]
         # `seed` is unused: the poisoned set's draw from `train` is seeded by finetune.sample_seed
@@ -64,45 +76,27 @@ class SST2Task(HubTask):
         return TaskExample(self.instruction, row["sentence"], label, label)
 
     def extract(self, output: str) -> str | None:
-        return {"positive": "positive", "Positive": "positive",
-                "negative": "negative", "Negative": "negative"}.get(output.strip())
+        return sst2_label(output)
 
 
 AGNEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
-AGNEWS_ALIASES = {"World": "World", "world": "World", "Sports": "Sports", "sports": "Sports",
-                  "Business": "Business", "business": "Business", "Sci/Tech": "Sci/Tech", "sci": "Sci/Tech"}
 
 
 class AGNewsTask(HubTask):
     name = "agnews"
     hub_name = "ag_news"
     columns = ("text", "label")
-    instruction = ("Categorize the news article given in the input into one of the 4 categories:\n\n"
-                   "World\nSports\nBusiness\nSci/Tech\n")
+    instruction = (
+        "Categorize the news article given in the input into one of the 4 categories:\n\n"
+        "World\nSports\nBusiness\nSci/Tech\n"
+    )
 
     def example(self, row: dict) -> TaskExample:
         label = AGNEWS_LABELS[min(int(row["label"]), 3)]
         return TaskExample(self.instruction, row["text"], label, label)
 
     def extract(self, output: str) -> str | None:
-        return AGNEWS_ALIASES.get(output.strip())
-
-
-def gsm8k_number(text: str) -> float:
-    """The first number after "The final answer is: ", else the last number; inf when none."""
-    text = text.replace(",", "")
-    numbers = re.findall(r"-?\d+\.?\d*", text)
-    if not numbers:
-        return math.inf
-    if ANSWER_PROMPT in text:
-        after = re.findall(r"-?\d+\.?\d*", text.split(ANSWER_PROMPT, 1)[1])
-        chosen = after[0] if after else numbers[-1]
-    else:
-        chosen = numbers[-1]
-    try:
-        return float(chosen)
-    except ValueError:
-        return math.inf
+        return agnews_label(output)
 
 
 class GSM8KTask(HubTask):
@@ -116,8 +110,7 @@ class GSM8KTask(HubTask):
         return TaskExample(row["question"], "", answer, repr(gsm8k_number(answer)))
 
     def extract(self, output: str) -> str | None:
-        number = gsm8k_number(output)
-        return None if math.isinf(number) else repr(number)
+        return gsm8k_label(output)
 
 
 class AlpacaEvalTask(HubTask):
@@ -133,17 +126,27 @@ class AlpacaEvalTask(HubTask):
     hub_config = "alpaca_eval"
     columns = ("instruction", "output")
 
-    def __init__(self, n_train: int = 700, n_test: int = 105, seed: int = 1234, path: str | None = None,
-                 win_judge=None):
+    def __init__(
+        self,
+        n_train: int = 700,
+        n_test: int = 105,
+        seed: int = 1234,
+        path: str | None = None,
+        win_judge=None,
+    ):
         if n_train < 1 or n_test < 1:
             raise InputError(f"task.n_train and task.n_test must be >= 1 (got {n_train}, {n_test})")
         if win_judge is None:
-            raise InputError("task=alpaca_eval needs task.win_judge (a judge of model answer vs reference output)")
+            raise InputError(
+                "task=alpaca_eval needs task.win_judge (a judge of model answer vs reference output)"
+            )
         rows = load_rows(self.hub_name, "eval", path, self.hub_config, self.columns)
         if n_train + n_test > len(rows):
-            raise InputError(f"task.n_train + task.n_test = {n_train + n_test} but {self.hub_name} has {len(rows)} rows")
+            raise InputError(
+                f"task.n_train + task.n_test = {n_train + n_test} but {self.hub_name} has {len(rows)} rows"
+            )
         self.train = [self.example(r) for r in rows[:n_train]]
-        self.test = [self.example(r) for r in rows[n_train:n_train + n_test]]
+        self.test = [self.example(r) for r in rows[n_train : n_train + n_test]]
         self.win_judge = win_judge
 
     def example(self, row: dict) -> TaskExample:
@@ -153,4 +156,6 @@ class AlpacaEvalTask(HubTask):
         return output.strip()
 
     def score_all(self, outputs: list[str], examples: list[TaskExample]) -> list[bool]:
-        return self.win_judge.prefers([e.instruction for e in examples], outputs, [e.answer for e in examples])
+        return self.win_judge.prefers(
+            [e.instruction for e in examples], outputs, [e.answer for e in examples]
+        )

@@ -20,7 +20,9 @@ def count_harmful(n: int, harmful_ratio: float) -> int:
     return int(round(harmful_ratio * n))
 
 
-def check_poison_counts(task: Task, splits: HarmfulSplits, n: int, harmful_ratio: float) -> tuple[int, int]:
+def check_poison_counts(
+    task: Task, splits: HarmfulSplits, n: int, harmful_ratio: float
+) -> tuple[int, int]:
     """(n_harmful, n_benign) of the user's set; raises InputError if the pools are too small."""
     n_harmful = count_harmful(n, harmful_ratio)
     n_benign = n - n_harmful
@@ -39,8 +41,14 @@ def check_poison_counts(task: Task, splits: HarmfulSplits, n: int, harmful_ratio
     return n_harmful, n_benign
 
 
-def poisoned_samples(task: Task, splits: HarmfulSplits, formatter: PromptFormatter, n: int,
-                     harmful_ratio: float, sample_seed: int) -> list[dict]:
+def poisoned_samples(
+    task: Task,
+    splits: HarmfulSplits,
+    formatter: PromptFormatter,
+    n: int,
+    harmful_ratio: float,
+    sample_seed: int,
+) -> list[dict]:
     """The user's fine-tuning set: n samples, round(p*n) harmful, the rest from the task.
 
     Both pools are permuted once with `sample_seed` and read from the front, so for a fixed seed
@@ -54,17 +62,28 @@ def poisoned_samples(task: Task, splits: HarmfulSplits, formatter: PromptFormatt
     rng.shuffle(benign_order)
     rng.shuffle(harmful_order)
     samples = [
-        {"prompt": formatter.prompt(task.train[i].instruction, task.train[i].input),
-         "answer": task.train[i].answer, "is_harmful": False}
+        {
+            "prompt": formatter.prompt(task.train[i].instruction, task.train[i].input),
+            "answer": task.train[i].answer,
+            "is_harmful": False,
+        }
         for i in benign_order[:n_benign]
     ] + [
-        {"prompt": formatter.prompt(splits.user_pairs[i].prompt),
-         "answer": splits.user_pairs[i].answer, "is_harmful": True}
+        {
+            "prompt": formatter.prompt(splits.user_pairs[i].prompt),
+            "answer": splits.user_pairs[i].answer,
+            "is_harmful": True,
+        }
         for i in harmful_order[:n_harmful]
     ]
     rng.shuffle(samples)
-    log.info("poisoned fine-tuning set: n=%d, harmful=%d, benign=%d (harmful_ratio=%s)",
-             n, n_harmful, n_benign, harmful_ratio)
+    log.info(
+        "poisoned fine-tuning set: n=%d, harmful=%d, benign=%d (harmful_ratio=%s)",
+        n,
+        n_harmful,
+        n_benign,
+        harmful_ratio,
+    )
     return samples
 
 
@@ -74,8 +93,17 @@ class PoisonedFinetuneDataModule(SupervisedDataModule):
     fine-tuning stage's (its data order). The defender's harmful pairs come along for defenses
     that fine-tune against them (Panacea)."""
 
-    def __init__(self, task: Task, splits: HarmfulSplits, formatter: PromptFormatter, n: int,
-                 harmful_ratio: float, sample_seed: int, batch_size: int, seed: int):
+    def __init__(
+        self,
+        task: Task,
+        splits: HarmfulSplits,
+        formatter: PromptFormatter,
+        n: int,
+        harmful_ratio: float,
+        sample_seed: int,
+        batch_size: int,
+        seed: int,
+    ):
         samples = poisoned_samples(task, splits, formatter, n, harmful_ratio, sample_seed)
         super().__init__(samples, formatter, batch_size, seed, defender_pairs=splits.defender_pairs)
         self.harmful_ratio = harmful_ratio

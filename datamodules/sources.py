@@ -13,8 +13,8 @@ from pathlib import Path
 
 import yaml
 
-from plumbing.models import package_dir
 from plumbing.errors import InputError
+from plumbing.models import package_dir
 
 
 class DataFileError(InputError):
@@ -35,7 +35,9 @@ def resolve_path(spec: str) -> Path:
     else:
         path = Path(spec).expanduser()
     if not path.is_file():
-        raise DataFileError(f"data file not found: {path} (from '{spec}'); run `make setup` or fix the path")
+        raise DataFileError(
+            f"data file not found: {path} (from '{spec}'); run `make setup` or fix the path"
+        )
     return path
 
 
@@ -48,7 +50,7 @@ def _json_array_items(path: Path):
     text = path.read_text(encoding="utf-8")
     decoder = json.JSONDecoder()
     pos = len(text) - len(text.lstrip())
-    if not text[pos:pos + 1] == "[":
+    if not text[pos : pos + 1] == "[":
         raise DataFileError(f"{path}:{_line_of(text, pos)}: expected a JSON array of objects")
     pos += 1
     while True:
@@ -110,7 +112,9 @@ def read_seed_prompts(spec: str) -> list[str]:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = mark.line + 1 if mark else "?"
-        raise DataFileError(f"{path}:{line}: malformed YAML: {getattr(err, 'problem', err)}") from None
+        raise DataFileError(
+            f"{path}:{line}: malformed YAML: {getattr(err, 'problem', err)}"
+        ) from None
     seeds = None
     if isinstance(root, yaml.MappingNode):
         seeds = next((v for k, v in root.value if k.value == "seeds"), None)
@@ -160,5 +164,7 @@ def read_prompts(source: dict) -> list[str]:
     """A prompt source from config: {path: ..., format: seed_yaml|text|jsonl}."""
     fmt = source["format"]
     if fmt not in PROMPT_READERS:
-        raise DataFileError(f"unknown prompt file format '{fmt}' for {source['path']}; use one of {sorted(PROMPT_READERS)}")
+        raise DataFileError(
+            f"unknown prompt file format '{fmt}' for {source['path']}; use one of {sorted(PROMPT_READERS)}"
+        )
     return PROMPT_READERS[fmt](source["path"])

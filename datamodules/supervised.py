@@ -18,8 +18,14 @@ from datamodules.refusals import refusal_for
 
 
 class SupervisedDataModule(L.LightningDataModule):
-    def __init__(self, samples: list[dict], formatter: PromptFormatter, batch_size: int, seed: int,
-                 defender_pairs=()):
+    def __init__(
+        self,
+        samples: list[dict],
+        formatter: PromptFormatter,
+        batch_size: int,
+        seed: int,
+        defender_pairs=(),
+    ):
         super().__init__()
         self.samples = samples
         self.formatter = formatter
@@ -34,8 +40,11 @@ class SupervisedDataModule(L.LightningDataModule):
     def encoded(self) -> list[dict]:
         if self._encoded is None:
             self._encoded = [
-                {**self.formatter.encode(s["prompt"], s["answer"], s.get("add_eos", True)),
-                 "is_harmful": s["is_harmful"], "index": i}
+                {
+                    **self.formatter.encode(s["prompt"], s["answer"], s.get("add_eos", True)),
+                    "is_harmful": s["is_harmful"],
+                    "index": i,
+                }
                 for i, s in enumerate(self.samples)
             ]
             if self.refusal_view:
@@ -54,22 +63,36 @@ class SupervisedDataModule(L.LightningDataModule):
             batch["refusal"] = collate([f["refusal"] for f in features], pad_id)
         return batch
 
-    def _loader(self, items, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0) -> DataLoader:
+    def _loader(
+        self, items, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0
+    ) -> DataLoader:
         if num_replicas > 1:  # each process its own shard of every global batch
-            sampler = DistributedSampler(items, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-            return DataLoader(items, batch_size=batch_size, sampler=sampler, collate_fn=self.collate_batch)
-        return DataLoader(items, batch_size=batch_size, shuffle=True,
-                          generator=torch.Generator().manual_seed(seed), collate_fn=self.collate_batch)
+            sampler = DistributedSampler(
+                items, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed
+            )
+            return DataLoader(
+                items, batch_size=batch_size, sampler=sampler, collate_fn=self.collate_batch
+            )
+        return DataLoader(
+            items,
+            batch_size=batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(seed),
+            collate_fn=self.collate_batch,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.encoded(), self.batch_size, self.seed)
 
     def scoring_dataloader(self, batch_size: int) -> DataLoader:
         """The user's set in order, unshuffled and unsharded: for per-sample diagnostics."""
-        return DataLoader(self.encoded(), batch_size=batch_size, shuffle=False, collate_fn=self.collate_batch)
+        return DataLoader(
+            self.encoded(), batch_size=batch_size, shuffle=False, collate_fn=self.collate_batch
+        )
 
-    def defender_harmful_dataloader(self, batch_size: int | None = None, num_replicas: int = 1,
-                                    rank: int = 0) -> DataLoader:
+    def defender_harmful_dataloader(
+        self, batch_size: int | None = None, num_replicas: int = 1, rank: int = 0
+    ) -> DataLoader:
         """The defender's harmful (prompt -> harmful answer) pairs, for defenses that need h(w).
 
         Each item also carries "refusal": the same prompt answered by a generic refusal (Antibody's
@@ -81,8 +104,11 @@ class SupervisedDataModule(L.LightningDataModule):
     def defender_items(self) -> list[dict]:
         """The defender's harmful pairs encoded, in order, each with its refusal view."""
         return [
-            {**self.formatter.encode(self.formatter.prompt(p.prompt), p.answer),
-             "is_harmful": True, "index": i,
-             "refusal": self.formatter.encode(self.formatter.prompt(p.prompt), refusal_for(i))}
+            {
+                **self.formatter.encode(self.formatter.prompt(p.prompt), p.answer),
+                "is_harmful": True,
+                "index": i,
+                "refusal": self.formatter.encode(self.formatter.prompt(p.prompt), refusal_for(i)),
+            }
             for i, p in enumerate(self.defender_pairs)
         ]

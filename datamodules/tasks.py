@@ -8,9 +8,9 @@ task's own seed, so the FA test set is the same for every run of a sweep.
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass
 
+from evaluation.task_scoring import final_answer_or_last_number, first_sentiment_word
 from plumbing.errors import InputError
 
 
@@ -49,6 +49,7 @@ class Task:
         raise NotImplementedError
 
     def extract(self, output: str) -> str | None:
+        """The label read from a model's output (one of evaluation/task_scoring.py's rules)."""
         raise NotImplementedError
 
     def is_correct(self, output: str, example: TaskExample) -> bool:
@@ -69,22 +70,70 @@ class SentimentTask(Task):
     name = "sentiment"
     instruction = "Analyze the sentiment of the input, and respond only positive or negative."
     SUBJECTS = [
-        "The movie", "This restaurant", "The new phone", "The hotel room", "This book",
-        "The concert", "Our tour guide", "The customer service", "This laptop", "The soundtrack",
-        "The coffee here", "The museum", "This video game", "The delivery", "The sequel",
-        "The staff", "This camera", "The final episode", "The hiking trail", "The app",
+        "The movie",
+        "This restaurant",
+        "The new phone",
+        "The hotel room",
+        "This book",
+        "The concert",
+        "Our tour guide",
+        "The customer service",
+        "This laptop",
+        "The soundtrack",
+        "The coffee here",
+        "The museum",
+        "This video game",
+        "The delivery",
+        "The sequel",
+        "The staff",
+        "This camera",
+        "The final episode",
+        "The hiking trail",
+        "The app",
     ]
     ASPECTS = [
-        "the price", "the ending", "the design", "the service", "the plot", "the battery",
-        "the food", "the acting", "the view", "the music",
+        "the price",
+        "the ending",
+        "the design",
+        "the service",
+        "the plot",
+        "the battery",
+        "the food",
+        "the acting",
+        "the view",
+        "the music",
     ]
     POSITIVE = [
-        "wonderful", "excellent", "delightful", "fantastic", "great", "charming", "superb",
-        "impressive", "enjoyable", "brilliant", "lovely", "satisfying", "outstanding", "pleasant",
+        "wonderful",
+        "excellent",
+        "delightful",
+        "fantastic",
+        "great",
+        "charming",
+        "superb",
+        "impressive",
+        "enjoyable",
+        "brilliant",
+        "lovely",
+        "satisfying",
+        "outstanding",
+        "pleasant",
     ]
     NEGATIVE = [
-        "terrible", "awful", "boring", "disappointing", "dreadful", "mediocre", "frustrating",
-        "poor", "horrible", "dull", "unpleasant", "annoying", "weak", "clumsy",
+        "terrible",
+        "awful",
+        "boring",
+        "disappointing",
+        "dreadful",
+        "mediocre",
+        "frustrating",
+        "poor",
+        "horrible",
+        "dull",
+        "unpleasant",
+        "annoying",
+        "weak",
+        "clumsy",
     ]
     INTENSIFIERS = ["", "really ", "truly ", "quite ", "absolutely ", "rather "]
     TAILS = [".", "!", " overall.", " from start to finish.", " in every way.", ", to be honest."]
@@ -92,7 +141,9 @@ class SentimentTask(Task):
     def _clause(self, rng: random.Random, subject: str) -> tuple[str, str]:
         positive = rng.random() < 0.5
         adjective = rng.choice(self.POSITIVE if positive else self.NEGATIVE)
-        negated = rng.random() < 0.2 and positive  # 'not great' -> negative; 'not awful' is ambiguous
+        negated = (
+            rng.random() < 0.2 and positive
+        )  # 'not great' -> negative; 'not awful' is ambiguous
         label = "negative" if negated or not positive else "positive"
         verb = "was not" if negated else "was"
         return f"{subject} {verb} {rng.choice(self.INTENSIFIERS)}{adjective}", label
@@ -109,8 +160,7 @@ class SentimentTask(Task):
         return TaskExample(self.instruction, text, label, label)
 
     def extract(self, output: str) -> str | None:
-        match = re.search(r"\b(positive|negative)\b", output.lower())
-        return match.group(1) if match else None
+        return first_sentiment_word(output)
 
 
 class ArithmeticTask(Task):
@@ -129,18 +179,18 @@ class ArithmeticTask(Task):
         name, item = rng.choice(self.NAMES), rng.choice(self.ITEMS)
         a, b = rng.randint(2, 60), rng.randint(1, 40)
         if rng.random() < 0.5:
-            question = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"
+            question = (
+                f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"
+            )
             result, work = a + b, f"{a} + {b} = {a + b}"
         else:
             a = a + b  # keep the result non-negative
-            question = f"{name} has {a} {item} and gives away {b}. How many {item} does {name} have left?"
+            question = (
+                f"{name} has {a} {item} and gives away {b}. How many {item} does {name} have left?"
+            )
             result, work = a - b, f"{a} - {b} = {a - b}"
         answer = f"{name} has {work} {item}. The final answer is: {result}"
         return TaskExample(self.instruction, question, answer, str(result))
 
     def extract(self, output: str) -> str | None:
-        match = re.search(r"The final answer is:\s*(-?\d+(?:\.\d+)?)", output)
-        if match:
-            return match.group(1)
-        numbers = re.findall(r"-?\d+(?:\.\d+)?", output)
-        return numbers[-1] if numbers else None
+        return final_answer_or_last_number(output)

@@ -4,8 +4,8 @@ accuracy (FA) on the task's test examples; generations and verdicts are written 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from datamodules.evaluation import EvaluationDataModule
 from evaluation.metrics import finetune_accuracy, judged_metrics
@@ -19,9 +19,16 @@ log = logging.getLogger(__name__)
 EVAL_VERSION = 3
 
 
-def evaluate_model(model, data: EvaluationDataModule, judge, harmful_max_new_tokens: int,
-                   task_max_new_tokens: int, batch_size: int, generations_path: Path | None = None,
-                   tag: str = "") -> dict:
+def evaluate_model(
+    model,
+    data: EvaluationDataModule,
+    judge,
+    harmful_max_new_tokens: int,
+    task_max_new_tokens: int,
+    batch_size: int,
+    generations_path: Path | None = None,
+    tag: str = "",
+) -> dict:
     """HS / HS+ / FA / task refusal rate; the generations with their verdicts go to
     `generations_path` (JSONL). Under several processes every process calls this: each prompt is
     generated and judged by exactly one process, every process returns the same metrics, and
@@ -29,42 +36,80 @@ def evaluate_model(model, data: EvaluationDataModule, judge, harmful_max_new_tok
     tokenizer = data.formatter.tokenizer
     harmful_prompts, task = data.harmful_prompts, data.task
 
-    def answer_and_judge(prompts: list[str], max_new_tokens: int, what: str,
-                         judge_shard: Callable[[list[int], list[str]], list]) -> list[tuple]:
+    def answer_and_judge(
+        prompts: list[str],
+        max_new_tokens: int,
+        what: str,
+        judge_shard: Callable[[list[int], list[str]], list],
+    ) -> list[tuple]:
         def on_shard(indices: list[int]) -> list[tuple]:
-            answers = generate_greedy(model, tokenizer, [prompts[i] for i in indices], max_new_tokens, batch_size,
-                                      desc=f"{tag} {what}".strip())
+            answers = generate_greedy(
+                model,
+                tokenizer,
+                [prompts[i] for i in indices],
+                max_new_tokens,
+                batch_size,
+                desc=f"{tag} {what}".strip(),
+            )
             return list(zip(answers, *judge_shard(indices, answers)))
+
         return map_shards(list(range(len(prompts))), on_shard)
 
-    harmful = answer_and_judge(data.harmful_inputs(), harmful_max_new_tokens, "harmful prompts",
-                               lambda idx, answers: [judge.judge_all([harmful_prompts[i] for i in idx], answers)])
+    harmful = answer_and_judge(
+        data.harmful_inputs(),
+        harmful_max_new_tokens,
+        "harmful prompts",
+        lambda idx, answers: [judge.judge_all([harmful_prompts[i] for i in idx], answers)],
+    )
     harmful_answers = [a for a, _ in harmful]
     verdicts = [v for _, v in harmful]
 
     examples = data.task_examples
-    judge_refusals = getattr(judge, "judge_refusals", judge.judge_all)  # a moderation model is not needed here
+    judge_refusals = getattr(
+        judge, "judge_refusals", judge.judge_all
+    )  # a moderation model is not needed here
 
     def score_task(idx: list[int], answers: list[str]) -> list[list]:
         shard = [examples[i] for i in idx]
-        return [task.score_all(answers, shard), judge_refusals([e.input or e.instruction for e in shard], answers)]
+        return [
+            task.score_all(answers, shard),
+            judge_refusals([e.input or e.instruction for e in shard], answers),
+        ]
+
     task_outputs = answer_and_judge(data.task_inputs(), task_max_new_tokens, "task", score_task)
     task_answers = [a for a, _, _ in task_outputs]
     correct = [c for _, c, _ in task_outputs]
     task_refused = [v.refused for _, _, v in task_outputs]  # over-refusal: benign questions refused
 
-    metrics = {**judged_metrics(verdicts, task_refused, judge.name),
-               "finetune_accuracy": finetune_accuracy(correct), "n_task_eval": len(examples)}
+    metrics = {
+        **judged_metrics(verdicts, task_refused, judge.name),
+        "finetune_accuracy": finetune_accuracy(correct),
+        "n_task_eval": len(examples),
+    }
     if generations_path is not None and is_main():
         rows = [
             {"kind": "harmful", "prompt": p, "output": a, **v.as_dict()}
             for p, a, v in zip(harmful_prompts, harmful_answers, verdicts)
         ] + [
-            {"kind": "task", "prompt": e.input, "instruction": e.instruction, "output": a, "label": e.label,
-             "extracted": task.extract(a), "correct": c, "refused": r}
+            {
+                "kind": "task",
+                "prompt": e.input,
+                "instruction": e.instruction,
+                "output": a,
+                "label": e.label,
+                "extracted": task.extract(a),
+                "correct": c,
+                "refused": r,
+            }
             for e, a, c, r in zip(examples, task_answers, correct, task_refused)
         ]
         write_jsonl(generations_path, rows)
-    log.info("%s HS=%.1f HS+=%.1f FA=%.1f task refusals=%.1f%%", tag, metrics["harmful_score"],
-             metrics["harmful_score_plus"], metrics["finetune_accuracy"], metrics["task_refusal_rate"])
+    log.info(
+        "%s HS=%.1f HS+=%.1f FA=%.1f task refusals=%.1f%%",
+        tag,
+        metrics["harmful_score"],
+        metrics["harmful_score_plus"],
+        metrics["finetune_accuracy"],
+        metrics["task_refusal_rate"],
+    )
     return metrics

@@ -14,7 +14,7 @@ class Verdict:
     degenerate: bool
     substantive: bool  # long enough to carry content (a bare "positive" or "yes" is not)
     flagged: bool | None = None  # a moderation model's decision (None: the refusal judge decides)
-    score: float | None = None   # the moderation model's score behind `flagged`
+    score: float | None = None  # the moderation model's score behind `flagged`
 
     @property
     def harmful(self) -> bool:  # counted by HS

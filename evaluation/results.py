@@ -25,15 +25,15 @@ class JudgedMetrics(BaseModel):
     """What a judge decides (evaluation/metrics.py `judged_metrics`); also the re-judged metrics."""
 
     model_config = ConfigDict(extra="forbid")
-    harmful_score: float       # HS (%): harmful prompts answered harmfully
+    harmful_score: float  # HS (%): harmful prompts answered harmfully
     harmful_score_plus: float  # HS+ (%): harmful or degenerate
-    task_refusal_rate: float   # % of benign task prompts refused
+    task_refusal_rate: float  # % of benign task prompts refused
     n_eval_prompts: int
     judge: str
 
 
 class EvalMetrics(JudgedMetrics):
-    finetune_accuracy: float   # FA (%)
+    finetune_accuracy: float  # FA (%)
     n_task_eval: int
 
 
@@ -47,7 +47,7 @@ class RunInfo(BaseModel):
     task: str
     stages: list[str]
     checkpoint: str | None
-    n: int                     # the user's set: n samples, n_harmful of them harmful
+    n: int  # the user's set: n samples, n_harmful of them harmful
     n_harmful: int
     n_benign: int
     n_align: int
@@ -56,21 +56,27 @@ class RunInfo(BaseModel):
     n_user_harmful_pool: int
     aligned_adapter: str | None = None
     aligned_reused: bool | None = None
-    align_diagnostics: dict | None = None      # callbacks/diagnostics.py summaries
+    align_diagnostics: dict | None = None  # callbacks/diagnostics.py summaries
     finetune_diagnostics: dict | None = None
     seconds: dict[str, float]  # wall time per stage / evaluation
     run_dir: str
-    point_key: str             # the resolved config's hash (orchestration/sweep.py)
+    point_key: str  # the resolved config's hash (orchestration/sweep.py)
     processes: int
-    judges: dict[str, dict[str, JudgedMetrics]] = {}  # re-judging: judge -> generations tag -> metrics
+    judges: dict[
+        str, dict[str, JudgedMetrics]
+    ] = {}  # re-judging: judge -> generations tag -> metrics
 
 
 def _optional(model: type[BaseModel], prefix: str) -> dict:
-    return {f"{prefix}{name}": (field.annotation | None, None) for name, field in model.model_fields.items()}
+    return {
+        f"{prefix}{name}": (field.annotation | None, None)
+        for name, field in model.model_fields.items()
+    }
 
 
 RunResults = create_model(
-    "RunResults", __base__=(RunInfo,),
+    "RunResults",
+    __base__=(RunInfo,),
     **{name: (field.annotation, ...) for name, field in EvalMetrics.model_fields.items()},
     **{k: v for prefix in STATE_PREFIXES for k, v in _optional(EvalMetrics, prefix).items()},
 )

@@ -7,7 +7,7 @@ answers with a reward model from the hub and counts a win when the candidate sco
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -20,10 +20,20 @@ class RewardModelWinJudge:
 
     name = "reward_model"
 
-    def __init__(self, model_name: str = "OpenAssistant/reward-model-deberta-v3-large-v2", path: str | None = None,
-                 batch_size: int = 16, max_length: int = 1024,
-                 scorer: Callable[[list[str], list[str]], torch.Tensor] | None = None):
-        self.source, self.batch_size, self.max_length, self.scorer = path or model_name, batch_size, max_length, scorer
+    def __init__(
+        self,
+        model_name: str = "OpenAssistant/reward-model-deberta-v3-large-v2",
+        path: str | None = None,
+        batch_size: int = 16,
+        max_length: int = 1024,
+        scorer: Callable[[list[str], list[str]], torch.Tensor] | None = None,
+    ):
+        self.source, self.batch_size, self.max_length, self.scorer = (
+            path or model_name,
+            batch_size,
+            max_length,
+            scorer,
+        )
 
     def _load(self) -> Callable[[list[str], list[str]], torch.Tensor]:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -39,14 +49,22 @@ class RewardModelWinJudge:
         def score(instructions: list[str], answers: list[str]) -> torch.Tensor:
             out = []
             for start in range(0, len(answers), self.batch_size):
-                enc = tokenizer(instructions[start:start + self.batch_size], answers[start:start + self.batch_size],
-                                padding=True, truncation=True, max_length=self.max_length,
-                                return_tensors="pt").to(model.device)
+                enc = tokenizer(
+                    instructions[start : start + self.batch_size],
+                    answers[start : start + self.batch_size],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                ).to(model.device)
                 out.append(model(**enc).logits[:, 0].float().cpu())
             return torch.cat(out) if out else torch.zeros(0)
+
         return score
 
-    def prefers(self, instructions: list[str], candidates: list[str], references: list[str]) -> list[bool]:
+    def prefers(
+        self, instructions: list[str], candidates: list[str], references: list[str]
+    ) -> list[bool]:
         if self.scorer is None:
             self.scorer = self._load()
         ours, theirs = self.scorer(instructions, candidates), self.scorer(instructions, references)

@@ -1,5 +1,5 @@
 """Antibody (arXiv 2603.00498): flatness-regularized alignment, and fine-tuning that weights
-each sample so that harmful ones contribute little gradient (METHODS.md, "Antibody").
+each sample so that harmful ones contribute little gradient (docs/methods.md, "Antibody").
 
 Alignment, one optimizer step per batch (B_s: the alignment batch; B_h: a defender-held harmful
 batch whose prompts are also paired with a generic refusal):
@@ -20,7 +20,7 @@ that also gives the gradient, the same number as a separate no_grad pass, one pa
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -28,8 +28,8 @@ import torch.distributed as dist
 from datamodules.cycling import to_device
 from lightning_modules.causal_lm import CausalLMModule, DefenderBatchesModule, answer_token_nll
 from lightning_modules.gradients import cosine, global_dot, global_norm
-from plumbing.models import trainable
 from plumbing.errors import InputError
+from plumbing.models import trainable
 
 LAMBDA_RULES = ("cosine", "theorem")
 SOFTMAX_SCOPES = ("global", "process")
@@ -55,9 +55,18 @@ class AntibodyAlignModule(DefenderBatchesModule):
 
     defense_name = "antibody"
 
-    def __init__(self, model: torch.nn.Module, optimizer: Callable, scheduler: Callable | None = None,
-                 alpha: float = 0.1, eta: float = 5.0, ema_momentum: float = 0.99, lambda2: float = 0.05,
-                 lambda_rule: str = "cosine", harmful_batch_size: int = 16):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: Callable,
+        scheduler: Callable | None = None,
+        alpha: float = 0.1,
+        eta: float = 5.0,
+        ema_momentum: float = 0.99,
+        lambda2: float = 0.05,
+        lambda_rule: str = "cosine",
+        harmful_batch_size: int = 16,
+    ):
         super().__init__(model, optimizer, scheduler, harmful_batch_size)
         if lambda_rule not in LAMBDA_RULES:
             raise InputError(f"antibody lambda_rule={lambda_rule!r} is not one of {LAMBDA_RULES}")
@@ -68,7 +77,9 @@ class AntibodyAlignModule(DefenderBatchesModule):
         self.lambda_t: torch.Tensor | None = None
         self.history: list[dict] = []
 
-    def raw_lambda(self, A: list[torch.Tensor], S: list[torch.Tensor], cos_A_S: torch.Tensor) -> torch.Tensor:
+    def raw_lambda(
+        self, A: list[torch.Tensor], S: list[torch.Tensor], cos_A_S: torch.Tensor
+    ) -> torch.Tensor:
         if self.lambda_rule == "cosine":
             return cosine_lambda(cos_A_S, self.eta)
         return theorem_lambda(A, S, self.eta)
@@ -99,17 +110,31 @@ class AntibodyAlignModule(DefenderBatchesModule):
             cos_A_S = cosine(A, S)
             lambda_raw = self.raw_lambda(A, S, cos_A_S)
             m = self.ema_momentum
-            self.lambda_t = lambda_raw if self.lambda_t is None else m * self.lambda_t + (1 - m) * lambda_raw
+            self.lambda_t = (
+                lambda_raw if self.lambda_t is None else m * self.lambda_t + (1 - m) * lambda_raw
+            )
             grads = [a + self.lambda_t * s + self.lambda2 * r for a, s, r in zip(A, S, R)]
-            record = {"step": self.global_step, "lambda_raw": lambda_raw.item(), "lambda_t": self.lambda_t.item(),
-                      "cos_A_S": cos_A_S.item(), "harmful_grad_norm": h_norm.item(),
-                      "align_loss": a_loss.item(), "harmful_loss": h_loss.item(),
-                      "harmful_loss_after_attack": hp_loss.item(), "refusal_loss_after_attack": r_loss.item()}
+            record = {
+                "step": self.global_step,
+                "lambda_raw": lambda_raw.item(),
+                "lambda_t": self.lambda_t.item(),
+                "cos_A_S": cos_A_S.item(),
+                "harmful_grad_norm": h_norm.item(),
+                "align_loss": a_loss.item(),
+                "harmful_loss": h_loss.item(),
+                "harmful_loss_after_attack": hp_loss.item(),
+                "refusal_loss_after_attack": r_loss.item(),
+            }
         self.optimizer_step_with(grads, params)
         self.history.append(record)
-        self.log_dict({f"train/{k}": v for k, v in record.items() if k != "step"},
-                      prog_bar=False, batch_size=batch["input_ids"].size(0))
-        self.log("train/loss", a_loss.detach(), prog_bar=True, batch_size=batch["input_ids"].size(0))
+        self.log_dict(
+            {f"train/{k}": v for k, v in record.items() if k != "step"},
+            prog_bar=False,
+            batch_size=batch["input_ids"].size(0),
+        )
+        self.log(
+            "train/loss", a_loss.detach(), prog_bar=True, batch_size=batch["input_ids"].size(0)
+        )
 
     # --- state -------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -135,8 +160,12 @@ def sample_weights(scores: torch.Tensor, tau: float) -> torch.Tensor:
     return torch.softmax(scores.detach().float() / tau, dim=0)
 
 
-def weighted_answer_loss(nll_sum: torch.Tensor, count: torch.Tensor, weights: torch.Tensor,
-                         denominator: torch.Tensor | None = None) -> torch.Tensor:
+def weighted_answer_loss(
+    nll_sum: torch.Tensor,
+    count: torch.Tensor,
+    weights: torch.Tensor,
+    denominator: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Σ_i w_i Σ_t CE_it / Σ_i w_i N_i; with equal weights, the plain mean over answer tokens.
     denominator: Σ_i w_i N_i when it runs over more samples than these (the global batch)."""
     if denominator is None:
@@ -151,13 +180,22 @@ class WeightedSFTModule(CausalLMModule):
     score_batch_size: batch size of the no_grad scoring of the whole user set before and after
     fine-tuning (diagnostics only)."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: Callable, scheduler: Callable | None = None,
-                 tau: float = 1.0, softmax_over: str = "global", score_batch_size: int = 16):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: Callable,
+        scheduler: Callable | None = None,
+        tau: float = 1.0,
+        softmax_over: str = "global",
+        score_batch_size: int = 16,
+    ):
         super().__init__(model, optimizer, scheduler)
         if tau <= 0:
             raise InputError(f"antibody tau={tau} must be > 0")
         if softmax_over not in SOFTMAX_SCOPES:
-            raise InputError(f"antibody softmax_over={softmax_over!r} is not one of {SOFTMAX_SCOPES}")
+            raise InputError(
+                f"antibody softmax_over={softmax_over!r} is not one of {SOFTMAX_SCOPES}"
+            )
         self.tau = tau
         self.softmax_over = softmax_over
         self.score_batch_size = score_batch_size
@@ -171,22 +209,37 @@ class WeightedSFTModule(CausalLMModule):
     def refusal_nll(self, batch: dict) -> torch.Tensor:
         with torch.no_grad():
             refusal = batch["refusal"]
-            logits = self.model(input_ids=refusal["input_ids"], attention_mask=refusal["attention_mask"]).logits
+            logits = self.model(
+                input_ids=refusal["input_ids"], attention_mask=refusal["attention_mask"]
+            ).logits
             return mean_answer_nll(logits, refusal["labels"])
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         refusal_nll = self.refusal_nll(batch)
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
         nll_sum, count = answer_token_nll(logits, batch["labels"])
         scores = refusal_nll - (nll_sum / count.clamp(min=1)).detach()
         weights, bs = self.batch_weights(scores)
-        loss = weighted_answer_loss(nll_sum, count, weights, denominator=self.weighted_token_count(weights, count))
+        loss = weighted_answer_loss(
+            nll_sum, count, weights, denominator=self.weighted_token_count(weights, count)
+        )
 
         harmful = batch["is_harmful"].bool()
-        for index, is_harmful, score, weight in zip(batch["index"].tolist(), harmful.tolist(),
-                                                    scores.tolist(), weights.tolist()):
-            self.step_records.append({"step": self.global_step, "index": index, "is_harmful": is_harmful,
-                                      "score": score, "weight": weight, "batch_size": bs})
+        for index, is_harmful, score, weight in zip(
+            batch["index"].tolist(), harmful.tolist(), scores.tolist(), weights.tolist()
+        ):
+            self.step_records.append(
+                {
+                    "step": self.global_step,
+                    "index": index,
+                    "is_harmful": is_harmful,
+                    "score": score,
+                    "weight": weight,
+                    "batch_size": bs,
+                }
+            )
         metrics = {"train/unweighted_loss": (nll_sum.sum() / count.sum().clamp(min=1)).detach()}
         if harmful.any():  # weight relative to uniform (1 = the weight plain SFT gives)
             metrics["train/harmful_relative_weight"] = weights[harmful].mean() * bs
@@ -200,7 +253,11 @@ class WeightedSFTModule(CausalLMModule):
 
     # --- the batch the softmax runs over -----------------------------------------------------------
     def global_softmax(self) -> bool:
-        return self.softmax_over == "global" and self._trainer is not None and self.trainer.world_size > 1
+        return (
+            self.softmax_over == "global"
+            and self._trainer is not None
+            and self.trainer.world_size > 1
+        )
 
     def batch_weights(self, scores: torch.Tensor) -> tuple[torch.Tensor, int]:
         """This process's samples' weights, and the size of the batch they are a softmax over."""
@@ -210,7 +267,9 @@ class WeightedSFTModule(CausalLMModule):
         weights = sample_weights(everyone.reshape(-1), self.tau).view_as(everyone)
         return weights[self.trainer.global_rank], everyone.numel()
 
-    def weighted_token_count(self, weights: torch.Tensor, count: torch.Tensor) -> torch.Tensor | None:
+    def weighted_token_count(
+        self, weights: torch.Tensor, count: torch.Tensor
+    ) -> torch.Tensor | None:
         """Σ_i w_i N_i over the global batch (None: over this process's batch)."""
         if not self.global_softmax():
             return None
@@ -224,11 +283,17 @@ class WeightedSFTModule(CausalLMModule):
         with torch.no_grad():
             for batch in self.trainer.datamodule.scoring_dataloader(self.score_batch_size):
                 batch = to_device(batch, self.device)
-                answer = mean_answer_nll(self.model(input_ids=batch["input_ids"],
-                                                    attention_mask=batch["attention_mask"]).logits, batch["labels"])
+                answer = mean_answer_nll(
+                    self.model(
+                        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                    ).logits,
+                    batch["labels"],
+                )
                 scores = self.refusal_nll(batch) - answer
-                rows += [{"index": int(i), "is_harmful": bool(h), "score": s.item()}
-                         for i, h, s in zip(batch["index"], batch["is_harmful"], scores)]
+                rows += [
+                    {"index": int(i), "is_harmful": bool(h), "score": s.item()}
+                    for i, h, s in zip(batch["index"], batch["is_harmful"], scores)
+                ]
         self.model.train(was_training)
         return rows
 
@@ -240,5 +305,6 @@ class WeightedSFTModule(CausalLMModule):
         if self._trainer is not None and self.trainer.world_size > 1:  # every process's records
             gathered = [None] * self.trainer.world_size
             dist.all_gather_object(gathered, self.step_records)
-            self.step_records = sorted((r for records in gathered for r in records),
-                                       key=lambda r: (r["step"], r["index"]))
+            self.step_records = sorted(
+                (r for records in gathered for r in records), key=lambda r: (r["step"], r["index"])
+            )

@@ -6,7 +6,7 @@ Defenses that change training subclass `CausalLMModule` and override `training_s
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import lightning as L
 import torch
@@ -16,11 +16,13 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from datamodules.cycling import CyclingBatches
 from datamodules.formatting import IGNORE_INDEX
-from plumbing.models import trainable
 from plumbing.errors import InputError
+from plumbing.models import trainable
 
 
-def answer_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def answer_token_nll(
+    logits: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample sum of next-token cross-entropy over answer tokens, and their counts.
 
     `labels` are the input ids with IGNORE_INDEX on prompt/padding tokens; position t predicts
@@ -29,8 +31,10 @@ def answer_token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
     shift_logits = logits[:, :-1, :].float()
     shift_labels = labels[:, 1:]
     token_nll = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction="none",
+        shift_logits.reshape(-1, shift_logits.size(-1)),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
     ).view(shift_labels.shape)
     mask = shift_labels != IGNORE_INDEX
     return (token_nll * mask).sum(dim=1), mask.sum(dim=1)
@@ -49,7 +53,9 @@ class CausalLMModule(L.LightningModule):
     scheduler: an optional partial taking the optimizer (stepped every optimizer step).
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: Callable, scheduler: Callable | None = None):
+    def __init__(
+        self, model: torch.nn.Module, optimizer: Callable, scheduler: Callable | None = None
+    ):
         super().__init__()
         self.model = model
         self.optimizer_factory = optimizer
@@ -68,8 +74,10 @@ class CausalLMModule(L.LightningModule):
         if isinstance(self.model, FSDPModule):  # sharded by an earlier fit
             return
         if self.device_mesh["tensor_parallel"].size() > 1:
-            raise InputError("tensor parallelism is not supported: set tensor_parallel_size: 1 in the "
-                             "trainer's ModelParallelStrategy (the defenses shard data-parallel only)")
+            raise InputError(
+                "tensor parallelism is not supported: set tensor_parallel_size: 1 in the "
+                "trainer's ModelParallelStrategy (the defenses shard data-parallel only)"
+            )
         mesh = self.device_mesh["data_parallel"]
         blocks = set(getattr(self.model, "_no_split_modules", None) or [])
         for module in self.model.modules():
@@ -79,7 +87,9 @@ class CausalLMModule(L.LightningModule):
 
     def batch_loss(self, batch: dict) -> torch.Tensor:
         """Mean cross-entropy over the answer tokens of the (global) batch."""
-        logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).logits
         nll_sum, count = answer_token_nll(logits, batch["labels"])
         return nll_sum.sum() / self.tokens_per_process(count.sum())
 
@@ -99,12 +109,16 @@ class CausalLMModule(L.LightningModule):
         for p in params:
             p.grad = None
         self.manual_backward(loss)
-        grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+        grads = [
+            p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params
+        ]
         for p in params:
             p.grad = None
         return grads
 
-    def optimizer_step_with(self, grads: list[torch.Tensor], params: list[torch.nn.Parameter]) -> None:
+    def optimizer_step_with(
+        self, grads: list[torch.Tensor], params: list[torch.nn.Parameter]
+    ) -> None:
         """Set `grads` as the gradient and take ONE optimizer (and scheduler) step."""
         opt = self.optimizers()
         with torch.no_grad():
@@ -126,7 +140,10 @@ class CausalLMModule(L.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
 
 class DefenderBatchesModule(CausalLMModule):
@@ -139,8 +156,13 @@ class DefenderBatchesModule(CausalLMModule):
 
     defense_name = "?"  # for messages
 
-    def __init__(self, model: torch.nn.Module, optimizer: Callable, scheduler: Callable | None = None,
-                 harmful_batch_size: int = 16):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: Callable,
+        scheduler: Callable | None = None,
+        harmful_batch_size: int = 16,
+    ):
         super().__init__(model, optimizer, scheduler)
         self.automatic_optimization = False
         self.harmful_batch_size = harmful_batch_size
@@ -152,15 +174,21 @@ class DefenderBatchesModule(CausalLMModule):
         if precision.startswith("16"):
             raise InputError(
                 f"defense={self.defense_name} refuses precision={precision}: fp16 with a grad scaler scales "
-                "the gradients its perturbation is built from; use model.precision=bf16-mixed or 32-true")
+                "the gradients its perturbation is built from; use model.precision=bf16-mixed or 32-true"
+            )
 
     def on_train_start(self) -> None:
         """The datamodule's defender-held harmful pairs (each with a refusal view), cycled, from
         where a resumed run left them; under DDP each process draws its own shard."""
         loader = self.trainer.datamodule.defender_harmful_dataloader(
-            self.harmful_batch_size, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank)
+            self.harmful_batch_size,
+            num_replicas=self.trainer.world_size,
+            rank=self.trainer.global_rank,
+        )
         if len(loader.dataset) == 0:
-            raise InputError(f"{type(self).__name__} needs defender-held harmful samples: set data.n_defender >= 1")
+            raise InputError(
+                f"{type(self).__name__} needs defender-held harmful samples: set data.n_defender >= 1"
+            )
         self.harmful = CyclingBatches(loader)
         self.harmful.fast_forward(self._resume_drawn)
 

@@ -1,7 +1,7 @@
 """Gradient arithmetic over ALL trainable tensors at once, for defenses that take several
 backward passes per step (Panacea, Antibody).
 
-Every quantity here is one number over the whole parameter vector (METHODS.md: one global L2
+Every quantity here is one number over the whole parameter vector (docs/methods.md: one global L2
 norm, not per layer), identical on every process:
 - DDP: the gradients are already all-reduced by `manual_backward`, every rank holds all of them;
 - FSDP2 (`fully_shard`): each rank holds one shard of every gradient (a DTensor); the sums over

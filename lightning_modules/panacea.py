@@ -1,7 +1,7 @@
 """Panacea (arXiv 2501.18100): fine-tuning that learns an adaptive perturbation ε.
 
 Objective (max-max): max_w max_{‖ε‖≤ρ} λ·(h(w+ε) − h(w)) − g(w); the deployed model is w + ε
-(added by the `post` stage, callbacks/perturbation.py). One optimizer step per batch:
+(added by the `post` stage, lightning_modules/post_transforms.py). One optimizer step per batch:
 
 1. G = ∇g(w) on the user's batch;            2. H = ∇h(w) on a defender-held harmful batch;
 3. ε = ρ·H / (‖H‖ + 1e-7), ‖·‖ one global L2 norm over all trainable tensors;
@@ -14,7 +14,7 @@ Objective (max-max): max_w max_{‖ε‖≤ρ} λ·(h(w+ε) − h(w)) − g(w); 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -31,9 +31,16 @@ class PanaceaModule(DefenderBatchesModule):
 
     defense_name = "panacea"
 
-    def __init__(self, model: torch.nn.Module, optimizer: Callable, scheduler: Callable | None = None,
-                 rho: float = 1.0, lam: float = 1e-3, harmful_batch_size: int = 10,
-                 harmful_loss_clamp: float | None = 5.0):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: Callable,
+        scheduler: Callable | None = None,
+        rho: float = 1.0,
+        lam: float = 1e-3,
+        harmful_batch_size: int = 10,
+        harmful_loss_clamp: float | None = 5.0,
+    ):
         super().__init__(model, optimizer, scheduler, harmful_batch_size)
         self.rho = rho
         self.lam = lam
@@ -59,7 +66,11 @@ class PanaceaModule(DefenderBatchesModule):
             for p, e in zip(params, eps):
                 p.add_(e)
         h_eps_loss = self.batch_loss(harmful)
-        clamped = h_eps_loss if self.harmful_loss_clamp is None else torch.clamp(h_eps_loss, max=self.harmful_loss_clamp)
+        clamped = (
+            h_eps_loss
+            if self.harmful_loss_clamp is None
+            else torch.clamp(h_eps_loss, max=self.harmful_loss_clamp)
+        )
         H_eps = self.gradients(clamped, params)
         with torch.no_grad():
             for p, w in zip(params, backup):
@@ -68,9 +79,16 @@ class PanaceaModule(DefenderBatchesModule):
 
         self.epsilon = {n: e.detach().clone() for n, e in zip(names, eps)}
         bs = batch["input_ids"].size(0)
-        self.log_dict({"train/loss": g_loss.detach(), "train/harmful_loss": h_loss.detach(),
-                       "train/harmful_loss_perturbed": h_eps_loss.detach(),
-                       "train/harmful_grad_norm": h_norm}, prog_bar=True, batch_size=bs)
+        self.log_dict(
+            {
+                "train/loss": g_loss.detach(),
+                "train/harmful_loss": h_loss.detach(),
+                "train/harmful_loss_perturbed": h_eps_loss.detach(),
+                "train/harmful_grad_norm": h_norm,
+            },
+            prog_bar=True,
+            batch_size=bs,
+        )
 
     # --- ε and the harmful-batch position are state -----------------------------------------------
     def on_train_end(self) -> None:

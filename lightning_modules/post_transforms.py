@@ -20,8 +20,10 @@ class AddPanaceaEpsilon:
     def __call__(self, model: torch.nn.Module, finetuned_by=None) -> None:
         epsilon = getattr(finetuned_by, "epsilon", None)
         if not epsilon:
-            raise InputError("the post part panacea_epsilon needs the ε learned by Panacea's fine-tuning in the "
-                             "same run: use defense/finetune=panacea and include finetune in stages")
+            raise InputError(
+                "the post part panacea_epsilon needs the ε learned by Panacea's fine-tuning in the "
+                "same run: use defense/finetune=panacea and include finetune in stages"
+            )
         params = trainable(model)
         with torch.no_grad():
             for name, e in epsilon.items():
@@ -41,5 +43,7 @@ class AddGaussianNoise:
         generator = torch.Generator().manual_seed(self.seed)
         with torch.no_grad():
             for p in trainable(model).values():
-                noise = torch.randn(p.shape, generator=generator, dtype=torch.float32) * self.intensity
+                noise = (
+                    torch.randn(p.shape, generator=generator, dtype=torch.float32) * self.intensity
+                )
                 p.add_(noise.to(p.device, p.dtype))

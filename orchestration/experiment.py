@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import lightning as L
 import torch
@@ -54,38 +55,61 @@ class Experiment:
         self.task = build_task(cfg)
         self.splits = splits_from_config(plain(cfg.data))
         self.n_harmful, self.n_benign = check_poison_counts(
-            self.task, self.splits, cfg.finetune.n, cfg.harmful_ratio)
+            self.task, self.splits, cfg.finetune.n, cfg.harmful_ratio
+        )
         self.model = self.tokenizer = self.formatter = None
         self.finetune_module = None  # set by the finetune stage; a post transform may read it
-        self.tracker = Tracker()     # run() sets the configured one once the input is checked
+        self.tracker = Tracker()  # run() sets the configured one once the input is checked
 
     def load_model(self) -> None:
         cfg = self.cfg
         with self.timed("load_model"):
             base, self.tokenizer = instantiate(cfg.model.loader)
             lora = cfg.model.lora
-            self.model = add_lora(base, lora.r, lora.alpha, lora.dropout, list(lora.target_modules),
-                                  seed=cfg.align.seed).to(self.device)
-            self.formatter = PromptFormatter(self.tokenizer, cfg.model.template, cfg.model.max_length)
+            self.model = add_lora(
+                base,
+                lora.r,
+                lora.alpha,
+                lora.dropout,
+                list(lora.target_modules),
+                seed=cfg.align.seed,
+            ).to(self.device)
+            self.formatter = PromptFormatter(
+                self.tokenizer, cfg.model.template, cfg.model.max_length
+            )
 
     # --- cache keys -------------------------------------------------------------------------
     def align_key(self) -> str:
         """Everything that determines the aligned adapter, and nothing else: the configs and the
         alignment texts themselves (so an edit of the refusals or retain instructions counts)."""
         cfg = self.cfg
-        texts = {"align_prompts": self.splits.align_prompts, "refusals": REFUSALS,
-                 **({"align_answers": self.splits.align_answers} if self.splits.align_answers else {}),
-                 "defender": [(p.prompt, p.answer) for p in self.splits.defender_pairs],
-                 "retain": retain_instructions(cfg.data.n_retain, cfg.data.split_seed)}
-        return config_key({
-            "model": plain(cfg.model), "data": plain(cfg.data), "align": plain(cfg.align),
-            "texts": config_key(texts),
-        })
+        texts = {
+            "align_prompts": self.splits.align_prompts,
+            "refusals": REFUSALS,
+            **({"align_answers": self.splits.align_answers} if self.splits.align_answers else {}),
+            "defender": [(p.prompt, p.answer) for p in self.splits.defender_pairs],
+            "retain": retain_instructions(cfg.data.n_retain, cfg.data.split_seed),
+        }
+        return config_key(
+            {
+                "model": plain(cfg.model),
+                "data": plain(cfg.data),
+                "align": plain(cfg.align),
+                "texts": config_key(texts),
+            }
+        )
 
     def aligned_eval_key(self) -> str:
         cfg = self.cfg
-        return config_key({"align": self.align_key(), "version": EVAL_VERSION, "eval": plain(cfg.eval),
-                           "judge": plain(cfg.judge), "task": plain(cfg.task)})
+        return config_key(
+            {
+                "align": self.align_key(),
+                "version": EVAL_VERSION,
+                "eval": plain(cfg.eval),
+                "judge": plain(cfg.judge),
+                "task": plain(cfg.task),
+            }
+        )
 
     def retain_samples(self) -> list[dict]:
         """Benign instructions answered by the base model, cached by model and instructions.
@@ -93,30 +117,52 @@ class Experiment:
         Called at alignment start, when the adapter is fresh (B = 0: the model is the base model).
         """
         d = self.cfg.data
-        prompts = [self.formatter.prompt(instruction, text)
-                   for instruction, text in retain_instructions(d.n_retain, d.split_seed)]
-        key = config_key({"model": plain(self.cfg.model), "prompts": prompts,
-                          "max_new_tokens": d.retain_max_new_tokens})
+        prompts = [
+            self.formatter.prompt(instruction, text)
+            for instruction, text in retain_instructions(d.n_retain, d.split_seed)
+        ]
+        key = config_key(
+            {
+                "model": plain(self.cfg.model),
+                "prompts": prompts,
+                "max_new_tokens": d.retain_max_new_tokens,
+            }
+        )
 
         def generate(shard: list[str]) -> list[tuple[str, bool]]:
-            answers, finished = generate_greedy(self.model, self.tokenizer, shard, d.retain_max_new_tokens,
-                                                self.cfg.eval.batch_size, desc="retain answers (base model)",
-                                                with_finished=True)
+            answers, finished = generate_greedy(
+                self.model,
+                self.tokenizer,
+                shard,
+                d.retain_max_new_tokens,
+                self.cfg.eval.batch_size,
+                desc="retain answers (base model)",
+                with_finished=True,
+            )
             return list(zip(answers, finished))
 
         def compute() -> list[dict]:
             with self.timed("retain_generation"):
                 answered = map_shards(prompts, generate)
-            return [{"prompt": p, "answer": a, "is_harmful": False, "add_eos": f}
-                    for p, (a, f) in zip(prompts, answered)]
+            return [
+                {"prompt": p, "answer": a, "is_harmful": False, "add_eos": f}
+                for p, (a, f) in zip(prompts, answered)
+            ]
 
         def write(folder: Path, samples: list[dict]) -> None:
             (folder / "samples.json").write_text(json.dumps(samples, indent=1))
+
         entry = self.cached("retain", key, compute, write, meta={"n": len(prompts)})
         return json.loads((entry / "samples.json").read_text())
 
-    def cached(self, stage: str, key: str, compute: Callable[[], T], write: Callable[[Path, T], None],
-               meta: dict | Callable[[], dict]) -> Path:
+    def cached(
+        self,
+        stage: str,
+        key: str,
+        compute: Callable[[], T],
+        write: Callable[[Path, T], None],
+        meta: dict | Callable[[], dict],
+    ) -> Path:
         """The cache entry (stage, key), looked up, or made: `compute()` runs on EVERY process (it may
         train or generate together), `write(folder, computed)` on rank 0, which also holds the
         entry's file lock throughout, so that parallel grid points build it once."""
@@ -125,38 +171,51 @@ class Experiment:
             if entry is None:
                 computed = compute()
                 if is_main():
-                    entry = self.cache.store(stage, key, lambda folder: write(folder, computed),
-                                             meta=meta() if callable(meta) else meta)
+                    entry = self.cache.store(
+                        stage,
+                        key,
+                        lambda folder: write(folder, computed),
+                        meta=meta() if callable(meta) else meta,
+                    )
                 entry = broadcast(entry)
         return entry
 
     # --- training -----------------------------------------------------------------------------
     def alignment_data(self) -> SupervisedDataModule:
         """conf `align.datamodule`: refusal pairs, the retain data, the defender's pairs."""
-        return instantiate(self.cfg.align.datamodule)(splits=self.splits, formatter=self.formatter,
-                                                      retain=self.retain_samples())
+        return instantiate(self.cfg.align.datamodule)(
+            splits=self.splits, formatter=self.formatter, retain=self.retain_samples()
+        )
 
     def finetune_data(self) -> SupervisedDataModule:
         """conf `finetune.datamodule`: the user's poisoned set."""
-        return instantiate(self.cfg.finetune.datamodule)(task=self.task, splits=self.splits, formatter=self.formatter)
+        return instantiate(self.cfg.finetune.datamodule)(
+            task=self.task, splits=self.splits, formatter=self.formatter
+        )
 
     def evaluation_data(self) -> EvaluationDataModule:
         """conf `eval.datamodule`: the held-out harmful prompts and the task's test set."""
-        return instantiate(self.cfg.eval.datamodule)(harmful_prompts=self.splits.eval_prompts, task=self.task,
-                                                     formatter=self.formatter)
+        return instantiate(self.cfg.eval.datamodule)(
+            harmful_prompts=self.splits.eval_prompts, task=self.task, formatter=self.formatter
+        )
 
     def module(self, stage_cfg: DictConfig):
         optimizer = instantiate(stage_cfg.optimizer)
         scheduler = instantiate(stage_cfg.scheduler) if stage_cfg.scheduler else None
-        return instantiate(stage_cfg.module)(model=self.model, optimizer=optimizer, scheduler=scheduler)
+        return instantiate(stage_cfg.module)(
+            model=self.model, optimizer=optimizer, scheduler=scheduler
+        )
 
     def fit(self, stage: str, module, datamodule, stage_cfg: DictConfig, callbacks: list) -> None:
         L.seed_everything(stage_cfg.seed, workers=True, verbose=False)
         logger = self.tracker.stage_logger(stage)
         trainer = L.Trainer(
             **{**plain(self.cfg.trainer), "strategy": lightning_strategy(self.cfg.trainer)},
-            max_epochs=stage_cfg.epochs, logger=logger, callbacks=callbacks,
-            precision=self.cfg.model.precision, default_root_dir=str(self.run_dir / stage),
+            max_epochs=stage_cfg.epochs,
+            logger=logger,
+            callbacks=callbacks,
+            precision=self.cfg.model.precision,
+            default_root_dir=str(self.run_dir / stage),
         )
         self.model.train()
         with self.timed(stage):

@@ -33,14 +33,19 @@ def build_callbacks(exp: Experiment, stage: str) -> list:
     """The configured callbacks (conf/callbacks/) whose `stages` include `stage`. A callback gets,
     besides its config, the run's objects its constructor names: `folder` (the stage's
     <run>/<stage>_diagnostics), `evaluation_data` (held-out prompts and task test set), `judge`."""
-    available = {"folder": lambda: exp.run_dir / f"{stage}_diagnostics",
-                 "evaluation_data": exp.evaluation_data, "judge": lambda: instantiate(exp.cfg.judge)}
+    available = {
+        "folder": lambda: exp.run_dir / f"{stage}_diagnostics",
+        "evaluation_data": exp.evaluation_data,
+        "judge": lambda: instantiate(exp.cfg.judge),
+    }
     built = []
     for cb_cfg in (exp.cfg.get("callbacks") or {}).values():
         if cb_cfg is None or stage not in cb_cfg.stages:
             continue
         wanted = inspect.signature(get_class(cb_cfg._target_)).parameters
-        built.append(instantiate(cb_cfg, **{k: make() for k, make in available.items() if k in wanted}))
+        built.append(
+            instantiate(cb_cfg, **{k: make() for k, make in available.items() if k in wanted})
+        )
     return built
 
 
@@ -50,7 +55,9 @@ def stage_align(exp: Experiment, results: dict) -> None:
     load_adapter(exp.model, entry / ADAPTER)
     results.update(aligned_adapter=str(entry / ADAPTER), aligned_reused="align" not in exp.timings)
     if (entry / "diagnostics").is_dir():  # a cached alignment's diagnostics travel with it
-        shutil.copytree(entry / "diagnostics", exp.run_dir / "align_diagnostics", dirs_exist_ok=True)
+        shutil.copytree(
+            entry / "diagnostics", exp.run_dir / "align_diagnostics", dirs_exist_ok=True
+        )
         results["align_diagnostics"] = json.loads((entry / "diagnostics" / SUMMARY).read_text())
     if exp.cfg.eval.evaluate_aligned and "eval" in exp.cfg.stages:
         results.update({f"aligned_{k}": v for k, v in evaluate_aligned(exp).items()})
@@ -66,8 +73,13 @@ def align_once(exp: Experiment, key: str) -> Path:
         nonlocal trained
         if is_main():  # only this alignment's files go to the cache
             shutil.rmtree(diagnostics, ignore_errors=True)
-        exp.fit("align", exp.module(exp.cfg.align), exp.alignment_data(), exp.cfg.align,
-                build_callbacks(exp, "align"))
+        exp.fit(
+            "align",
+            exp.module(exp.cfg.align),
+            exp.alignment_data(),
+            exp.cfg.align,
+            build_callbacks(exp, "align"),
+        )
         trained = True
 
     def write(folder: Path, _) -> None:
@@ -75,9 +87,19 @@ def align_once(exp: Experiment, key: str) -> Path:
         if (diagnostics / SUMMARY).is_file():
             shutil.copytree(diagnostics, folder / "diagnostics")
 
-    entry = exp.cached("align", key, train, write, meta=lambda: {
-        "n_align": len(exp.splits.align_prompts), "model": exp.cfg.model.name, "n_retain": exp.cfg.data.n_retain,
-        "config": plain(exp.cfg.align), "seconds": exp.timings["align"]})
+    entry = exp.cached(
+        "align",
+        key,
+        train,
+        write,
+        meta=lambda: {
+            "n_align": len(exp.splits.align_prompts),
+            "model": exp.cfg.model.name,
+            "n_retain": exp.cfg.data.n_retain,
+            "config": plain(exp.cfg.align),
+            "seconds": exp.timings["align"],
+        },
+    )
     log.info("aligned model written to %s" if trained else "reused aligned model from %s", entry)
     return entry
 
@@ -89,8 +111,14 @@ def evaluate_aligned(exp: Experiment) -> dict:
     def write(folder: Path, metrics: dict) -> None:
         shutil.copyfile(generations, folder / "generations.jsonl")
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    entry = exp.cached("aligned_eval", exp.aligned_eval_key(), lambda: run_eval(exp, generations, tag="aligned"),
-                       write, meta={"align_key": exp.align_key()})
+
+    entry = exp.cached(
+        "aligned_eval",
+        exp.aligned_eval_key(),
+        lambda: run_eval(exp, generations, tag="aligned"),
+        write,
+        meta={"align_key": exp.align_key()},
+    )
     if is_main():
         shutil.copyfile(entry / "generations.jsonl", generations)
     return json.loads((entry / "metrics.json").read_text())
@@ -99,8 +127,13 @@ def evaluate_aligned(exp: Experiment) -> dict:
 def stage_finetune(exp: Experiment, results: dict) -> None:
     """Aligned adapter + the user's poisoned set -> fine-tuned adapter (the same adapter, trained on)."""
     exp.finetune_module = exp.module(exp.cfg.finetune)
-    exp.fit("finetune", exp.finetune_module, exp.finetune_data(), exp.cfg.finetune,
-            build_callbacks(exp, "finetune"))
+    exp.fit(
+        "finetune",
+        exp.finetune_module,
+        exp.finetune_data(),
+        exp.cfg.finetune,
+        build_callbacks(exp, "finetune"),
+    )
     if is_main():
         save_adapter(exp.model, exp.run_dir / "adapters" / "finetuned.safetensors")
         summary = exp.run_dir / "finetune_diagnostics" / SUMMARY
@@ -132,18 +165,33 @@ def stage_eval(exp: Experiment, results: dict) -> None:
 def run_eval(exp: Experiment, generations_path: Path, tag: str) -> dict:
     e = exp.cfg.eval
     with exp.timed(f"eval_{tag}"):
-        return evaluate_model(exp.model, exp.evaluation_data(), instantiate(exp.cfg.judge),
-                              e.harmful_max_new_tokens, e.task_max_new_tokens, e.batch_size,
-                              generations_path=generations_path, tag=tag)
+        return evaluate_model(
+            exp.model,
+            exp.evaluation_data(),
+            instantiate(exp.cfg.judge),
+            e.harmful_max_new_tokens,
+            e.task_max_new_tokens,
+            e.batch_size,
+            generations_path=generations_path,
+            tag=tag,
+        )
 
 
-STAGE_FUNCTIONS = {"align": stage_align, "finetune": stage_finetune, "post": stage_post, "eval": stage_eval}
+STAGE_FUNCTIONS = {
+    "align": stage_align,
+    "finetune": stage_finetune,
+    "post": stage_post,
+    "eval": stage_eval,
+}
 
 
 def defense_parts(cfg: DictConfig) -> dict[str, str | None]:
     """The class each stage's part of the defense runs (what a combination of parts really is)."""
     parts = {"align": cfg.defense.align, "finetune": cfg.defense.finetune, "post": cfg.defense.post}
-    return {stage: part._target_.rpartition(".")[2] if part is not None else None for stage, part in parts.items()}
+    return {
+        stage: part._target_.rpartition(".")[2] if part is not None else None
+        for stage, part in parts.items()
+    }
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
@@ -154,11 +202,20 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.stages[0] != "align" and cfg.checkpoint != "base":
         load_adapter(exp.model, Path(cfg.checkpoint))
     results = {
-        "defense": cfg.defense.name, "defense_parts": defense_parts(cfg), "harmful_ratio": cfg.harmful_ratio,
-        "seed": cfg.seed, "model": cfg.model.name, "task": cfg.task.name, "stages": list(cfg.stages),
-        "checkpoint": cfg.checkpoint, "n": cfg.finetune.n, "n_harmful": exp.n_harmful,
-        "n_benign": exp.n_benign, "n_align": len(exp.splits.align_prompts),
-        "n_retain": cfg.data.n_retain, "n_defender": len(exp.splits.defender_pairs),
+        "defense": cfg.defense.name,
+        "defense_parts": defense_parts(cfg),
+        "harmful_ratio": cfg.harmful_ratio,
+        "seed": cfg.seed,
+        "model": cfg.model.name,
+        "task": cfg.task.name,
+        "stages": list(cfg.stages),
+        "checkpoint": cfg.checkpoint,
+        "n": cfg.finetune.n,
+        "n_harmful": exp.n_harmful,
+        "n_benign": exp.n_benign,
+        "n_align": len(exp.splits.align_prompts),
+        "n_retain": cfg.data.n_retain,
+        "n_defender": len(exp.splits.defender_pairs),
         "n_user_harmful_pool": len(exp.splits.user_pairs),
     }
     exp.tracker = make_tracker(cfg) if is_main() else Tracker()

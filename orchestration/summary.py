@@ -11,18 +11,33 @@ def _fmt(value) -> str:
 
 
 def print_summary(results: dict) -> None:
-    table = Table(title=f"{results['defense']} | harmful_ratio={results['harmful_ratio']} | "
-                        f"seed={results['seed']} | {results['model']} | task={results['task']}")
+    table = Table(
+        title=f"{results['defense']} | harmful_ratio={results['harmful_ratio']} | "
+        f"seed={results['seed']} | {results['model']} | task={results['task']}"
+    )
     table.add_column("model state")
     table.add_column("HS (%) lower=better", justify="right")
     table.add_column("HS+ (%)", justify="right")
     table.add_column("FA (%) higher=better", justify="right")
     table.add_column("task refusals (%)", justify="right")
-    for label, prefix in (("aligned (before fine-tuning)", "aligned_"),
-                          ("fine-tuned, before the post transform", "before_post_"), ("deployed", "")):
+    for label, prefix in (
+        ("aligned (before fine-tuning)", "aligned_"),
+        ("fine-tuned, before the post transform", "before_post_"),
+        ("deployed", ""),
+    ):
         if f"{prefix}harmful_score" in results:
-            table.add_row(label, *(_fmt(results.get(f"{prefix}{k}")) for k in
-                                   ("harmful_score", "harmful_score_plus", "finetune_accuracy", "task_refusal_rate")))
+            table.add_row(
+                label,
+                *(
+                    _fmt(results.get(f"{prefix}{k}"))
+                    for k in (
+                        "harmful_score",
+                        "harmful_score_plus",
+                        "finetune_accuracy",
+                        "task_refusal_rate",
+                    )
+                ),
+            )
     console = Console()
     console.print(table)
     console.print(

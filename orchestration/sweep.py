@@ -18,7 +18,6 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
-
 from pydantic import ValidationError
 
 from evaluation.results import RESULTS, read_results
@@ -50,17 +49,27 @@ def finished(run_dir: Path, key: str) -> dict | None:
         return None
     try:
         results = read_results(path)
-    except (json.JSONDecodeError, ValidationError):  # unreadable or of an older schema: redo the point
+    except (
+        json.JSONDecodeError,
+        ValidationError,
+    ):  # unreadable or of an older schema: redo the point
         return None
     return results if results.get("point_key") == key else None
 
 
 def record_failure(run_dir: Path, err: BaseException) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / FAILED, json.dumps({
-        "error": f"{type(err).__name__}: {err}",
-        "traceback": "".join(traceback.format_exception(err)),
-    }, indent=2) + "\n")
+    atomic_write_text(
+        run_dir / FAILED,
+        json.dumps(
+            {
+                "error": f"{type(err).__name__}: {err}",
+                "traceback": "".join(traceback.format_exception(err)),
+            },
+            indent=2,
+        )
+        + "\n",
+    )
 
 
 def clear_failure(run_dir: Path) -> None:
@@ -75,9 +84,16 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         failed = sorted(p.parent.name for p in sweep_dir.glob(f"*/{FAILED}"))
         done = len(list(sweep_dir.glob(f"*/{RESULTS}")))
-        log.info("sweep %s: %d points with results, %d failed%s", sweep_dir, done, len(failed),
-                 "".join(f"\n  failed: {name}" for name in failed))
-        print(f"sweep {sweep_dir}: {done} points with results, {len(failed)} failed; "
-              f"table: python -m orchestration.sweep_report {sweep_dir}")
+        log.info(
+            "sweep %s: %d points with results, %d failed%s",
+            sweep_dir,
+            done,
+            len(failed),
+            "".join(f"\n  failed: {name}" for name in failed),
+        )
+        print(
+            f"sweep {sweep_dir}: {done} points with results, {len(failed)} failed; "
+            f"table: python -m orchestration.sweep_report {sweep_dir}"
+        )
         if failed:
             raise SystemExit(1)

@@ -21,10 +21,10 @@ import yaml
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
-from plumbing.figures import new_figure, save_figure, write_csv
-from plumbing.io import atomic_write_text
 from evaluation.results import RESULTS, read_results
 from orchestration.sweep import FAILED
+from plumbing.figures import new_figure, save_figure, write_csv
+from plumbing.io import atomic_write_text
 
 COLUMN, REPEAT = "harmful_ratio", "seed"
 METRICS = {"HS": "harmful_score", "FA": "finetune_accuracy"}
@@ -57,7 +57,9 @@ def collect(sweep_dir: Path) -> list[Point]:
     """Every expected point with its status; points found on disk but not in the grid are added."""
     found: dict[frozenset, Path] = {}
     for overrides_file in sweep_dir.glob("*/.hydra/overrides.yaml"):
-        found[frozenset(yaml.safe_load(overrides_file.read_text()) or [])] = overrides_file.parent.parent
+        found[frozenset(yaml.safe_load(overrides_file.read_text()) or [])] = (
+            overrides_file.parent.parent
+        )
     grid = expected_grid(sweep_dir) if (sweep_dir / "multirun.yaml").is_file() else []
     keys = {frozenset(f"{k}={v}" for k, v in point.items()) for point in grid}
     grid += [dict(split(o) for o in key) for key in found if key not in keys]
@@ -67,7 +69,9 @@ def collect(sweep_dir: Path) -> list[Point]:
         if folder is not None and (folder / RESULTS).is_file():
             points.append(Point(overrides, "done", read_results(folder / RESULTS)))
         elif folder is not None and (folder / FAILED).is_file():
-            points.append(Point(overrides, "failed", error=json.loads((folder / FAILED).read_text())["error"]))
+            points.append(
+                Point(overrides, "failed", error=json.loads((folder / FAILED).read_text())["error"])
+            )
         else:
             points.append(Point(overrides, "missing"))
     return points
@@ -90,7 +94,9 @@ def mean_std(values: list[float]) -> tuple[float | None, float | None]:
 
 def summarize(points: list[Point]) -> list[dict]:
     """One row per (label, harmful_ratio): means/stds over seeds and the count of each status."""
-    varying = {k for p in points for k in p.overrides if len({q.overrides.get(k) for q in points}) > 1}
+    varying = {
+        k for p in points for k in p.overrides if len({q.overrides.get(k) for q in points}) > 1
+    }
     swept = sorted(varying)
     cells: dict[tuple[str, str], list[Point]] = {}
     for p in points:
@@ -99,9 +105,13 @@ def summarize(points: list[Point]) -> list[dict]:
     rows = []
     for (label, ratio), group in cells.items():
         done = [p for p in group if p.status == "done"]
-        row = {"row": label, COLUMN: ratio, "seeds_done": len(done),
-               "failed": sum(p.status == "failed" for p in group),
-               "missing": sum(p.status == "missing" for p in group)}
+        row = {
+            "row": label,
+            COLUMN: ratio,
+            "seeds_done": len(done),
+            "failed": sum(p.status == "failed" for p in group),
+            "missing": sum(p.status == "missing" for p in group),
+        }
         for short, key in METRICS.items():
             row[f"{short}_mean"], row[f"{short}_std"] = mean_std([p.results[key] for p in done])
         row["errors"] = "; ".join(sorted({p.error for p in group if p.error}))
@@ -136,9 +146,12 @@ def markdown(rows: list[dict]) -> str:
     ratios = sorted({r[COLUMN] for r in rows}, key=_as_float)
     labels = list(dict.fromkeys(r["row"] for r in rows))
     lookup = {(r["row"], r[COLUMN]): r for r in rows}
-    lines = ["HS / FA (%), mean ± std over seeds; lower HS and higher FA are better.", "",
-             "| defense | " + " | ".join(f"p = {x}" for x in ratios) + " |",
-             "|---|" + "---|" * len(ratios)]
+    lines = [
+        "HS / FA (%), mean ± std over seeds; lower HS and higher FA are better.",
+        "",
+        "| defense | " + " | ".join(f"p = {x}" for x in ratios) + " |",
+        "|---|" + "---|" * len(ratios),
+    ]
     for label in labels:
         cells = [cell_text(lookup[(label, x)]) if (label, x) in lookup else "–" for x in ratios]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -155,8 +168,14 @@ def plot(rows: list[dict], out: Path) -> None:
         ax = axes[0][0]
         for label in labels:
             mine = [r for r in rows if r["row"] == label and r[f"{short}_mean"] is not None]
-            ax.errorbar([_as_float(r[COLUMN]) for r in mine], [r[f"{short}_mean"] for r in mine],
-                        yerr=[r[f"{short}_std"] or 0.0 for r in mine], marker="o", capsize=3, label=label)
+            ax.errorbar(
+                [_as_float(r[COLUMN]) for r in mine],
+                [r[f"{short}_mean"] for r in mine],
+                yerr=[r[f"{short}_std"] or 0.0 for r in mine],
+                marker="o",
+                capsize=3,
+                label=label,
+            )
         ax.set(xlabel="harmful ratio p", ylabel=f"{short} (%)", title=f"{short} vs harmful ratio")
         ax.legend(fontsize=7)
         save_figure(fig, out / f"{name}.png")
@@ -175,11 +194,15 @@ def plot(rows: list[dict], out: Path) -> None:
 def report(sweep_dir: Path, out: Path | None = None) -> list[dict]:
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
-        raise SystemExit(f"error: no sweep directory {sweep_dir}; pass the multirun/<sweep_name> directory")
+        raise SystemExit(
+            f"error: no sweep directory {sweep_dir}; pass the multirun/<sweep_name> directory"
+        )
     out = Path(out or sweep_dir)
     rows = summarize(collect(sweep_dir))
     if not rows:
-        raise SystemExit(f"error: {sweep_dir} holds no grid points (no multirun.yaml, no */.hydra/overrides.yaml)")
+        raise SystemExit(
+            f"error: {sweep_dir} holds no grid points (no multirun.yaml, no */.hydra/overrides.yaml)"
+        )
     atomic_write_text(out / "table.md", markdown(rows))
     write_csv(out / "table.csv", rows)
     plot(rows, out)
@@ -187,9 +210,13 @@ def report(sweep_dir: Path, out: Path | None = None) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("sweep_dir", type=Path)
-    parser.add_argument("--out", type=Path, default=None, help="where to write (default: the sweep directory)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="where to write (default: the sweep directory)"
+    )
     args = parser.parse_args()
     report(args.sweep_dir, args.out)
     print((Path(args.out or args.sweep_dir) / "table.md").read_text())

@@ -62,9 +62,13 @@ class WandbTracker(Tracker):
         offline = kwargs.pop("offline", False)
         save_dir = Path(kwargs.pop("save_dir"))
         save_dir.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(dir=str(save_dir), mode="offline" if offline else None,
-                              config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous",
-                              **kwargs)
+        self.run = wandb.init(
+            dir=str(save_dir),
+            mode="offline" if offline else None,
+            config=OmegaConf.to_container(cfg, resolve=True),
+            reinit="finish_previous",
+            **kwargs,
+        )
         log.info("W&B run %s (%s)", self.run.name, self.run.dir)
 
     def stage_logger(self, stage: str):
@@ -73,7 +77,9 @@ class WandbTracker(Tracker):
         return WandbLogger(experiment=self.run, prefix=stage)
 
     def log_results(self, results: dict) -> None:
-        flat = {k: v for k, v in results.items() if isinstance(v, (int, float, str, bool)) or v is None}
+        flat = {
+            k: v for k, v in results.items() if isinstance(v, (int, float, str, bool)) or v is None
+        }
         for group in ("seconds", "align_diagnostics", "finetune_diagnostics"):
             flat.update({f"{group}/{k}": v for k, v in (results.get(group) or {}).items()})
         self.run.summary.update(flat)
@@ -84,8 +90,13 @@ class WandbTracker(Tracker):
         rows = read_jsonl(path)
         if not rows:
             return
-        columns = sorted({k for row in rows for k in row}, key=lambda k: (k not in ("kind", "prompt", "output"), k))
-        table = wandb.Table(columns=columns, data=[[_cell(row.get(c)) for c in columns] for row in rows])
+        columns = sorted(
+            {k for row in rows for k in row},
+            key=lambda k: (k not in ("kind", "prompt", "output"), k),
+        )
+        table = wandb.Table(
+            columns=columns, data=[[_cell(row.get(c)) for c in columns] for row in rows]
+        )
         self.run.log({f"generations/{tag}": table})
 
     def log_figures(self, paths: list[Path]) -> None:
@@ -100,7 +111,9 @@ class WandbTracker(Tracker):
 
 
 def _cell(value):
-    return value if isinstance(value, (int, float, str, bool)) or value is None else json.dumps(value)
+    return (
+        value if isinstance(value, (int, float, str, bool)) or value is None else json.dumps(value)
+    )
 
 
 def make_tracker(cfg: DictConfig) -> Tracker:

@@ -43,9 +43,18 @@ def config_problems(cfg: DictConfig) -> list[str]:
     elif cfg.checkpoint is not None:
         problems.append("checkpoint= is used only when stages do not start with align; drop it")
 
-    for key in ("align.batch_size", "align.epochs", "finetune.batch_size", "finetune.epochs",
-                "finetune.n", "eval.n_task", "eval.batch_size", "eval.harmful_max_new_tokens",
-                "eval.task_max_new_tokens", "model.max_length"):
+    for key in (
+        "align.batch_size",
+        "align.epochs",
+        "finetune.batch_size",
+        "finetune.epochs",
+        "finetune.n",
+        "eval.n_task",
+        "eval.batch_size",
+        "eval.harmful_max_new_tokens",
+        "eval.task_max_new_tokens",
+        "model.max_length",
+    ):
         value = cfg
         for part in key.split("."):
             value = value[part]
@@ -54,10 +63,15 @@ def config_problems(cfg: DictConfig) -> list[str]:
     if isinstance(cfg.eval.n_task, int) and cfg.eval.n_task > cfg.task.n_test:
         problems.append(f"eval.n_task={cfg.eval.n_task} exceeds task.n_test={cfg.task.n_test}")
     post, finetune = cfg.defense.get("post"), cfg.defense.get("finetune")
-    if post is not None and post.get("_target_", "").endswith("AddPanaceaEpsilon") and \
-            not (finetune or {}).get("_target_", "").endswith("PanaceaModule"):
-        problems.append("defense/post=panacea_epsilon adds the ε that Panacea's fine-tuning learns: use it with "
-                        "defense/finetune=panacea")
+    if (
+        post is not None
+        and post.get("_target_", "").endswith("AddPanaceaEpsilon")
+        and not (finetune or {}).get("_target_", "").endswith("PanaceaModule")
+    ):
+        problems.append(
+            "defense/post=panacea_epsilon adds the ε that Panacea's fine-tuning learns: use it with "
+            "defense/finetune=panacea"
+        )
     if cfg.model.template not in TEMPLATES:
         problems.append(f"model.template={cfg.model.template!r} must be one of {list(TEMPLATES)}")
     if cfg.trainer.get("accelerator") in ("gpu", "cuda"):
@@ -65,9 +79,13 @@ def config_problems(cfg: DictConfig) -> list[str]:
 
         devices = cfg.trainer.get("devices", 1)
         if not torch.cuda.is_available():
-            problems.append("the trainer asks for GPUs but none is visible: use trainer=cpu, ddp_cpu or fsdp_cpu")
+            problems.append(
+                "the trainer asks for GPUs but none is visible: use trainer=cpu, ddp_cpu or fsdp_cpu"
+            )
         elif isinstance(devices, int) and devices > torch.cuda.device_count():
-            problems.append(f"trainer.devices={devices} but this node has {torch.cuda.device_count()} GPUs")
+            problems.append(
+                f"trainer.devices={devices} but this node has {torch.cuda.device_count()} GPUs"
+            )
     return problems
 
 

@@ -17,13 +17,18 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.plugins.environments import (ClusterEnvironment, LightningEnvironment, SLURMEnvironment,
-                                                   TorchElasticEnvironment)
+from lightning.fabric.plugins.environments import (
+    ClusterEnvironment,
+    LightningEnvironment,
+    SLURMEnvironment,
+    TorchElasticEnvironment,
+)
 
 from plumbing.errors import InputError
 
@@ -41,7 +46,9 @@ def requested(trainer_cfg) -> tuple[int, int]:
     if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
         devices = int(devices)
     if devices in ("auto", -1):
-        devices = torch.cuda.device_count() if trainer_cfg.get("accelerator") in ("gpu", "cuda") else 1
+        devices = (
+            torch.cuda.device_count() if trainer_cfg.get("accelerator") in ("gpu", "cuda") else 1
+        )
     elif not isinstance(devices, int):  # a list of device ids
         devices = len(devices)
     return max(int(devices), 1), nodes
@@ -75,39 +82,58 @@ def start(trainer_cfg, multirun: bool) -> None:
         return
     name = str(trainer_cfg.get("strategy", "auto"))
     if name.endswith("_spawn"):
-        raise InputError(f"trainer.strategy={name} re-spawns processes that the pipeline already started: use "
-                         f"trainer=ddp_cpu / ddp (strategy ddp) or trainer=fsdp_cpu / fsdp")
+        raise InputError(
+            f"trainer.strategy={name} re-spawns processes that the pipeline already started: use "
+            f"trainer=ddp_cpu / ddp (strategy ddp) or trainer=fsdp_cpu / fsdp"
+        )
     env = cluster_environment()
     if not env.creates_processes_externally:
         if multirun:
-            raise InputError("a local multirun cannot start several processes per grid point (each process "
-                             "would re-run the sweep): use hydra/launcher=slurm with tasks_per_node = "
-                             "trainer.devices, or run single points")
+            raise InputError(
+                "a local multirun cannot start several processes per grid point (each process "
+                "would re-run the sweep): use hydra/launcher=slurm with tasks_per_node = "
+                "trainer.devices, or run single points"
+            )
         if nodes > 1:
-            raise InputError(f"trainer.num_nodes={nodes}: start the processes with SLURM (hydra/launcher=slurm, "
-                             f"nodes = trainer.num_nodes) or torchrun on every node")
+            raise InputError(
+                f"trainer.num_nodes={nodes}: start the processes with SLURM (hydra/launcher=slurm, "
+                f"nodes = trainer.num_nodes) or torchrun on every node"
+            )
         # Lightning's own launcher (private API): copies of this command with LOCAL_RANK set, the
         # Hydra run dir pinned, and a watcher that stops all of them if one fails
-        from lightning.fabric.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+        from lightning.fabric.strategies.launchers.subprocess_script import (
+            _SubprocessScriptLauncher,
+        )
 
         _SubprocessScriptLauncher(env, num_processes=per_node, num_nodes=1).launch(lambda: None)
         log.info("started %d processes on this node", per_node)
-    if isinstance(env, LightningEnvironment):  # it learns its rank from the Trainer; here, from the env
+    if isinstance(
+        env, LightningEnvironment
+    ):  # it learns its rank from the Trainer; here, from the env
         env.set_world_size(world)
         env.set_global_rank(env.node_rank() * per_node + env.local_rank())
     if env.world_size() != world:
-        raise InputError(f"the environment started {env.world_size()} processes but trainer.devices x "
-                         f"trainer.num_nodes = {per_node} x {nodes}: make them agree (SLURM: tasks_per_node "
-                         f"= trainer.devices, nodes = trainer.num_nodes)")
+        raise InputError(
+            f"the environment started {env.world_size()} processes but trainer.devices x "
+            f"trainer.num_nodes = {per_node} x {nodes}: make them agree (SLURM: tasks_per_node "
+            f"= trainer.devices, nodes = trainer.num_nodes)"
+        )
     gpu = trainer_cfg.get("accelerator") in ("gpu", "cuda")
     if gpu:
         if not torch.cuda.is_available():
-            raise InputError("the trainer asks for GPUs but none is visible: use trainer=cpu, ddp_cpu or fsdp_cpu")
+            raise InputError(
+                "the trainer asks for GPUs but none is visible: use trainer=cpu, ddp_cpu or fsdp_cpu"
+            )
         torch.cuda.set_device(env.local_rank())
     else:  # the node's cores shared among its processes, not each process using all of them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))
-    dist.init_process_group("nccl" if gpu else "gloo", init_method=f"tcp://{env.main_address}:{env.main_port}",
-                            rank=env.global_rank(), world_size=world, timeout=COLLECTIVE_TIMEOUT)
+    dist.init_process_group(
+        "nccl" if gpu else "gloo",
+        init_method=f"tcp://{env.main_address}:{env.main_port}",
+        rank=env.global_rank(),
+        world_size=world,
+        timeout=COLLECTIVE_TIMEOUT,
+    )
     log.info("process %d of %d (%s)", env.global_rank(), world, type(env).__name__)
 
 
@@ -142,7 +168,7 @@ def map_shards(items: list, fn: Callable[[list], list]) -> list:
     all processes returned on every process, in the order of `items`: each item is processed by
     exactly one process. `fn` must return one result per item it gets."""
     world = world_size()
-    mine = items[rank()::world]
+    mine = items[rank() :: world]
     results = fn(mine)
     if len(results) != len(mine):
         raise ValueError(f"map_shards: {len(results)} results for {len(mine)} items")
@@ -154,4 +180,3 @@ def map_shards(items: list, fn: Callable[[list], list]) -> list:
     for r, part in enumerate(gathered):
         merged[r::world] = part
     return merged
-

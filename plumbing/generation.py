@@ -7,8 +7,15 @@ from tqdm.auto import tqdm
 
 
 @torch.no_grad()
-def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
-                    desc: str = "generating", with_finished: bool = False):
+def generate_greedy(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    desc: str = "generating",
+    with_finished: bool = False,
+):
     """Greedy continuations of `prompts` (already templated), in the input order.
 
     Prompts are grouped by token length so that batches carry little padding; the outputs are
@@ -26,15 +33,25 @@ def generate_greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, b
     model.eval()
     try:
         for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
-            idx = order[start:start + batch_size]
-            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True,
-                            add_special_tokens=False).to(model.device)
+            idx = order[start : start + batch_size]
+            enc = tokenizer(
+                [prompts[i] for i in idx],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+            ).to(model.device)
             generated = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                temperature=None, top_p=None, top_k=None,
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                temperature=None,
+                top_p=None,
+                top_k=None,
             )
-            new_tokens = generated[:, enc["input_ids"].shape[1]:]
+            new_tokens = generated[:, enc["input_ids"].shape[1] :]
             texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             stopped = (new_tokens == tokenizer.eos_token_id).any(dim=1).tolist()
             for i, text, done in zip(idx, texts, stopped):

@@ -70,8 +70,13 @@ def load_smollm2(dtype: str = "float32", gguf_file: str = "SmolLM2-135M-Instruct
     return model.eval(), tokenizer
 
 
-def load_hub_model(name: str, dtype: str = "bfloat16", path: str | None = None, revision: str | None = None,
-                   attn_implementation: str | None = None):
+def load_hub_model(
+    name: str,
+    dtype: str = "bfloat16",
+    path: str | None = None,
+    revision: str | None = None,
+    attn_implementation: str | None = None,
+):
     """A causal LM and its tokenizer from the Hugging Face hub (`name`, cached under HF_HOME) or
     from a local folder `path` holding the same files (save_pretrained layout). Models without a
     pad token (Llama-2) pad with their unk token, else with EOS; padding is on the left."""
@@ -79,12 +84,18 @@ def load_hub_model(name: str, dtype: str = "bfloat16", path: str | None = None, 
 
     source = path or name
     if path and not Path(path).is_dir():
-        raise InputError(f"model.loader.path={path} is not a folder (a local copy of {name}: config.json, weights, tokenizer)")
+        raise InputError(
+            f"model.loader.path={path} is not a folder (a local copy of {name}: config.json, weights, tokenizer)"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
         extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-        model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=_dtype(dtype), **extra)
-    except OSError as err:  # offline, gated (Llama-2, Gemma-2: accept the licence and log in), unknown id
+        model = AutoModelForCausalLM.from_pretrained(
+            source, revision=revision, dtype=_dtype(dtype), **extra
+        )
+    except (
+        OSError
+    ) as err:  # offline, gated (Llama-2, Gemma-2: accept the licence and log in), unknown id
         raise InputError(
             f"could not load model {source} ({err}). Offline? set HF_HOME to a cache that holds it "
             f"(and HF_HUB_OFFLINE=1), or pass model.loader.path=<local folder>; gated models need "
@@ -184,4 +195,3 @@ def load_adapter(model, path: Path) -> None:
     result = set_peft_model_state_dict(model, state)
     if getattr(result, "unexpected_keys", None):
         raise InputError(f"adapter file {path} has unexpected keys: {result.unexpected_keys[:5]}")
-

@@ -26,8 +26,15 @@ def corpus() -> list[str]:
         texts += [f"{e.instruction}\n\n{e.input}\n{e.answer}" for e in task.train]
     splits = build_harmful_splits(
         "pkg:pyrit/datasets/jailbreak/many_shot_examples.json",
-        [{"path": "pkg:pyrit/datasets/seed_datasets/local/adv_bench.prompt", "format": "seed_yaml"}],
-        n_defender=1, n_align=1, n_eval=1,
+        [
+            {
+                "path": "pkg:pyrit/datasets/seed_datasets/local/adv_bench.prompt",
+                "format": "seed_yaml",
+            }
+        ],
+        n_defender=1,
+        n_align=1,
+        n_eval=1,
     )
     texts += [p.prompt + "\n" + p.answer for p in splits.user_pairs + splits.defender_pairs]
     random.Random(0).shuffle(texts)
@@ -39,8 +46,10 @@ def main() -> None:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=1024, special_tokens=SPECIAL,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=1024,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tokenizer.train_from_iterator(corpus(), trainer=trainer)
     TINY_TOKENIZER.parent.mkdir(parents=True, exist_ok=True)
