@@ -54,8 +54,9 @@ class Experiment:
         self.timings: dict[str, float] = {}
         self.task = build_task(cfg)
         self.splits = splits_from_config(plain(cfg.data))
+        poisoned = cfg.finetune.datamodule  # checked here, before the model, as it will be built
         self.n_harmful, self.n_benign = check_poison_counts(
-            self.task, self.splits, cfg.finetune.n, cfg.harmful_ratio
+            self.task, self.splits, poisoned.n, poisoned.harmful_ratio
         )
         self.model = self.tokenizer = self.formatter = None
         self.finetune_module = None  # set by the finetune stage; a post transform may read it

@@ -210,7 +210,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "task": cfg.task.name,
         "stages": list(cfg.stages),
         "checkpoint": cfg.checkpoint,
-        "n": cfg.finetune.n,
+        "n": cfg.finetune.datamodule.n,
         "n_harmful": exp.n_harmful,
         "n_benign": exp.n_benign,
         "n_align": len(exp.splits.align_prompts),

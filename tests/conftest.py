@@ -1,32 +1,15 @@
 """Shared fixtures: the real config tree composed and shrunk to the tiny model (tests never
-touch the network or the default model)."""
+touch the network or the default model). Helpers that are not fixtures are in tests/helpers/."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import lightning as L
 import pytest
-import torch
-from hydra import compose, initialize_config_dir
+
+from helpers.configs import compose_cfg
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-ROOT = Path(__file__).resolve().parents[1]
-CONF = str(ROOT / "conf")
-
-# The tiny model with small data: every stage in a few seconds.
-TINY = [
-    "model=tiny", "~logger", "data.n_align=16", "data.n_retain=4", "data.retain_max_new_tokens=6", "data.n_eval=6", "finetune.n=20",
-    "align.epochs=1", "finetune.epochs=1", "eval.n_task=6", "eval.harmful_max_new_tokens=6",
-    "eval.task_max_new_tokens=3", "eval.batch_size=4", "task.n_train=200", "task.n_test=20",
-    "align.optimizer.lr=1e-2", "finetune.optimizer.lr=1e-2",
-]
-
-
-def compose_cfg(tmp_path: Path, *overrides: str):
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose("config", overrides=[*TINY, f"cache_dir={tmp_path / 'cache'}", *overrides])
 
 
 @pytest.fixture
@@ -48,100 +31,22 @@ def offline_splits():
 
     return build_harmful_splits(
         "pkg:pyrit/datasets/jailbreak/many_shot_examples.json",
-        [{"path": "pkg:pyrit/datasets/seed_datasets/local/adv_bench.prompt", "format": "seed_yaml"}],
-        n_defender=100, n_align=200, n_eval=40, split_seed=0,
+        [
+            {
+                "path": "pkg:pyrit/datasets/seed_datasets/local/adv_bench.prompt",
+                "format": "seed_yaml",
+            }
+        ],
+        n_defender=100,
+        n_align=200,
+        n_eval=40,
+        split_seed=0,
     )
 
 
-class RecordRank(L.Callback):
-    """Saves, per rank, the sample indices of every batch (user and defender), the module's state
-    after training (`attrs`), the logged metrics and the trainable weights (whole tensors, also
-    under FSDP), for comparison across ranks and against one process."""
+@pytest.fixture(scope="module")
+def task():
+    """The synthetic sentiment task that the data tests draw their benign samples from."""
+    from datamodules.tasks import SentimentTask
 
-    def __init__(self, out_dir, attrs=("epsilon",)):
-        self.out_dir, self.attrs = Path(out_dir), attrs
-        self.user, self.harmful = [], []
-
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        self.user.append(batch["index"].tolist())
-        harmful = getattr(module, "harmful", None)
-        if harmful is not None and not getattr(harmful, "recorded", False):
-            draw = harmful.next
-
-            def recorded_draw(device):
-                drawn = draw(device)
-                self.harmful.append(drawn["index"].tolist())
-                return drawn
-            harmful.next, harmful.recorded = recorded_draw, True
-
-    def on_train_end(self, trainer, module):
-        from lightning_modules.gradients import full
-
-        def whole(value):
-            if isinstance(value, dict):
-                return {k: whole(v) for k, v in value.items()}
-            return full(value).detach().clone() if isinstance(value, torch.Tensor) else value
-        state = {a: whole(getattr(module, a)) for a in self.attrs}
-        params = {n: whole(p) for n, p in module.model.named_parameters() if p.requires_grad}
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        torch.save({"user": self.user, "harmful": self.harmful, "params": params, "metrics": metrics, **state},
-                   self.out_dir / f"rank{trainer.global_rank}.pt")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _one_of_two_processes(rank, port, build, strategy, out_dir, attrs):
-    """A process started from outside Lightning (as torchrun or SLURM would start it): Lightning
-    reads its rank from the environment and launches nothing."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", NODE_RANK="0",
-                      LOCAL_RANK=str(rank), RANK=str(rank))
-    torch.set_num_threads(1)
-    from lightning.pytorch.strategies import ModelParallelStrategy
-
-    module, dm = build()
-    chosen = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if strategy == "fsdp" else "ddp"
-    fit_steps(module, dm, 1, devices=2, strategy=chosen, callbacks=[RecordRank(out_dir, attrs)])
-
-
-def fit_two_processes(build, strategy: str, out_dir, attrs=()) -> list[dict]:
-    """One optimizer step of `build()` -> (module, datamodule) in 2 CPU processes (gloo) under
-    strategy "ddp" or "fsdp" (FSDP2 fully_shard through Lightning's ModelParallelStrategy);
-    returns each rank's RecordRank record. `build` must be picklable (a module-level function)."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_one_of_two_processes, args=(_free_port(), build, strategy, out_dir, attrs), nprocs=2)
-    return [torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
-
-
-class Pair:
-    """A (prompt, answer) pair shaped like the datamodules' harmful pairs."""
-
-    def __init__(self, prompt, answer):
-        self.prompt, self.answer = prompt, answer
-
-
-def tiny_lora():
-    """The tiny model with LoRA on q/v and a nonzero B, so that every LoRA tensor has a gradient."""
-    from plumbing.models import add_lora, build_tiny
-
-    base, _ = build_tiny(init_seed=1)
-    model = add_lora(base, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"], seed=0)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(n)))
-    return model
-
-
-def fit_steps(module, dm, steps, **kwargs):
-    """Fit `module` for `steps` optimizer steps on CPU, without logger, checkpoints or bars."""
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, **kwargs)
-    trainer.fit(module, datamodule=dm)
-    return trainer
+    return SentimentTask(n_train=300, n_test=50, seed=1234)

@@ -12,10 +12,17 @@ functions count too).
 import ast
 from pathlib import Path
 
-from conftest import ROOT
+from helpers.configs import ROOT
 
-LAYERS = {"plumbing": 0, "datamodules": 1, "lightning_modules": 1, "evaluation": 1, "callbacks": 1,
-          "orchestration": 2, "run": 3}
+LAYERS = {
+    "plumbing": 0,
+    "datamodules": 1,
+    "lightning_modules": 1,
+    "evaluation": 1,
+    "callbacks": 1,
+    "orchestration": 2,
+    "run": 3,
+}
 
 
 def project_imports(path: Path) -> set[str]:
@@ -32,7 +39,11 @@ def project_imports(path: Path) -> set[str]:
 def layered_modules() -> list[tuple[str, Path]]:
     files = [("run", ROOT / "run.py")]
     for package in LAYERS:
-        files += [(package, f) for f in sorted((ROOT / package).rglob("*.py"))] if (ROOT / package).is_dir() else []
+        files += (
+            [(package, f) for f in sorted((ROOT / package).rglob("*.py"))]
+            if (ROOT / package).is_dir()
+            else []
+        )
     return files
 
 
@@ -44,7 +55,8 @@ def test_every_package_of_the_rule_exists():
 def test_imports_point_down_or_sideways():
     violations = [
         f"{path.relative_to(ROOT)} ({package}, layer {LAYERS[package]}) imports {target} (layer {LAYERS[target]})"
-        for package, path in layered_modules() for target in project_imports(path)
+        for package, path in layered_modules()
+        for target in project_imports(path)
         if LAYERS[target] > LAYERS[package]
     ]
     assert violations == []

@@ -9,9 +9,16 @@ from functools import partial
 import pytest
 import torch
 
-from conftest import Pair, fit_two_processes, tiny_lora
 from datamodules.formatting import PromptFormatter, collate
 from datamodules.supervised import SupervisedDataModule
+from helpers.antibody import (
+    align_setup,
+    defender_batches,
+    independent_alignment_update,
+    independent_weighted_update,
+)
+from helpers.panacea import CLAMP, independent_update, setup
+from helpers.training import Pair, _free_port, fit_two_processes, tiny_lora
 from lightning_modules.causal_lm import CausalLMModule, answer_loss
 from plumbing.models import load_tiny_tokenizer
 
@@ -23,8 +30,14 @@ def formatter():
 
 
 def user_samples(fmt):
-    return [{"prompt": fmt.prompt(f"Review {i}: fine."), "answer": "positive" + " really" * i,
-             "is_harmful": i % 2 == 1} for i in range(4)]
+    return [
+        {
+            "prompt": fmt.prompt(f"Review {i}: fine."),
+            "answer": "positive" + " really" * i,
+            "is_harmful": i % 2 == 1,
+        }
+        for i in range(4)
+    ]
 
 
 def restore(model, before):
@@ -38,7 +51,9 @@ def check_update(ranks, before, expected, rtol=1e-4, atol=1e-6):
     """θ_before − θ_after equals the expected SGD(lr=1) gradient, on both ranks alike."""
     for name, grad in expected.items():
         assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), name
-        torch.testing.assert_close(before[name] - ranks[0]["params"][name], grad, rtol=rtol, atol=atol, msg=name)
+        torch.testing.assert_close(
+            before[name] - ranks[0]["params"][name], grad, rtol=rtol, atol=atol, msg=name
+        )
 
 
 def global_indices(ranks, key):
@@ -54,6 +69,7 @@ def build_sft():
     return CausalLMModule(tiny_lora(), optimizer=partial(torch.optim.SGD, lr=1.0)), dm
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_sft_step(strategy, tmp_path):
     ranks = fit_two_processes(build_sft, strategy, tmp_path)
@@ -62,38 +78,47 @@ def test_sft_step(strategy, tmp_path):
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     batch = dm.collate_batch([dm.encoded()[i] for i in global_indices(ranks, "user")])
     names = list(before)
-    loss = answer_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-                       batch["labels"])
+    loss = answer_loss(
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+        batch["labels"],
+    )
     grads = torch.autograd.grad(loss, [dict(model.named_parameters())[n] for n in names])
     check_update(ranks, before, dict(zip(names, grads)))
 
 
 # --- Panacea --------------------------------------------------------------------------------------
 def build_panacea():
-    from test_panacea import setup
-
     fmt = formatter()
     model, dm, module = setup(fmt, n_defender=4, harmful_batch_size=2, batch_size=2)
     dm.samples = user_samples(fmt)
-    dm.defender_pairs = [Pair(p.prompt, p.answer + " more" * (3 * i)) for i, p in enumerate(dm.defender_pairs)]
+    dm.defender_pairs = [
+        Pair(p.prompt, p.answer + " more" * (3 * i)) for i, p in enumerate(dm.defender_pairs)
+    ]
     return module, dm
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_panacea_step(strategy, tmp_path):
-    from test_panacea import CLAMP, independent_update
-
     ranks = fit_two_processes(build_panacea, strategy, tmp_path, attrs=("epsilon",))
     module, dm = build_panacea()
     fmt, model = dm.formatter, module.model
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     for name in ranks[0]["epsilon"]:
         assert torch.equal(ranks[0]["epsilon"][name], ranks[1]["epsilon"][name]), name
-    assert ranks[0]["metrics"]["train/harmful_grad_norm"] == ranks[1]["metrics"]["train/harmful_grad_norm"]
+    assert (
+        ranks[0]["metrics"]["train/harmful_grad_norm"]
+        == ranks[1]["metrics"]["train/harmful_grad_norm"]
+    )
 
     user_batch = dm.collate_batch([dm.encoded()[i] for i in global_indices(ranks, "user")])
-    harmful_batch = collate([fmt.encode(fmt.prompt(dm.defender_pairs[i].prompt), dm.defender_pairs[i].answer)
-                             for i in global_indices(ranks, "harmful")], pad_id=fmt.tokenizer.pad_token_id)
+    harmful_batch = collate(
+        [
+            fmt.encode(fmt.prompt(dm.defender_pairs[i].prompt), dm.defender_pairs[i].answer)
+            for i in global_indices(ranks, "harmful")
+        ],
+        pad_id=fmt.tokenizer.pad_token_id,
+    )
     expected_grad, expected_eps = independent_update(model, user_batch, harmful_batch, CLAMP)
     for name, eps in expected_eps.items():
         torch.testing.assert_close(ranks[0]["epsilon"][name], eps, rtol=1e-4, atol=1e-7)
@@ -103,17 +128,16 @@ def test_panacea_step(strategy, tmp_path):
 
 # --- Antibody: alignment --------------------------------------------------------------------------
 def build_antibody_align():
-    from test_antibody import align_setup
-
     model, dm, module = align_setup(formatter(), batch_size=2, n_defender=4, harmful_batch_size=2)
     return module, dm
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_antibody_alignment_step(strategy, tmp_path):
-    from test_antibody import defender_batches, independent_alignment_update
-
-    ranks = fit_two_processes(build_antibody_align, strategy, tmp_path, attrs=("history", "lambda_t"))
+    ranks = fit_two_processes(
+        build_antibody_align, strategy, tmp_path, attrs=("history", "lambda_t")
+    )
     module, dm = build_antibody_align()
     model = module.model
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -124,7 +148,9 @@ def test_antibody_alignment_step(strategy, tmp_path):
     safe_batch = dm.collate_batch([dm.encoded()[i] for i in global_indices(ranks, "user")])
     global_indices(ranks, "harmful")  # the defender's 4 pairs, split in two shards
     harmful_batch, refusal_batch = defender_batches(dm.formatter, dm)
-    expected, lam = independent_alignment_update(model, safe_batch, harmful_batch, refusal_batch, 0.5, "cosine")
+    expected, lam = independent_alignment_update(
+        model, safe_batch, harmful_batch, refusal_batch, 0.5, "cosine"
+    )
     assert ranks[0]["history"][0]["lambda_raw"] == pytest.approx(lam, rel=1e-4)
     check_update(ranks, before, expected)
 
@@ -135,16 +161,16 @@ def build_weighting(softmax_over="global"):
 
     fmt = formatter()
     dm = SupervisedDataModule(user_samples(fmt), fmt, batch_size=2, seed=0)
-    module = WeightedSFTModule(tiny_lora(), optimizer=partial(torch.optim.SGD, lr=1.0), tau=0.7,
-                               softmax_over=softmax_over)
+    module = WeightedSFTModule(
+        tiny_lora(), optimizer=partial(torch.optim.SGD, lr=1.0), tau=0.7, softmax_over=softmax_over
+    )
     return module, dm
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_antibody_weighting_step(strategy, tmp_path):
     """softmax_over=global: the weights are a softmax over the 4 samples of both processes."""
-    from test_antibody import independent_weighted_update
-
     ranks = fit_two_processes(build_weighting, strategy, tmp_path, attrs=("step_records",))
     module, dm = build_weighting()
     before = {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
@@ -156,27 +182,34 @@ def test_antibody_weighting_step(strategy, tmp_path):
     check_update(ranks, before, expected)
 
 
+@pytest.mark.e2e
 def test_antibody_weighting_per_process_softmax_is_the_reference_semantics(tmp_path):
     """softmax_over=process: each process's 2 weights sum to 1 and DDP averages the two losses'
     gradients (what the reference code does on several GPUs)."""
-    from test_antibody import independent_weighted_update
-
-    ranks = fit_two_processes(partial(build_weighting, "process"), "ddp", tmp_path, attrs=("step_records",))
+    ranks = fit_two_processes(
+        partial(build_weighting, "process"), "ddp", tmp_path, attrs=("step_records",)
+    )
     module, dm = build_weighting()
     before = {n: p.detach().clone() for n, p in module.model.named_parameters() if p.requires_grad}
     per_rank = []
     for rank in ranks:
         shard = rank["user"][0]
-        grads, weights = independent_weighted_update(module.model, dm.formatter, [{**dm.samples[i], "index": i} for i in shard])
+        grads, weights = independent_weighted_update(
+            module.model, dm.formatter, [{**dm.samples[i], "index": i} for i in shard]
+        )
         assert sum(r["weight"] for r in rank["step_records"]) == pytest.approx(1.0)
-        assert [r["weight"] for r in rank["step_records"]] == pytest.approx(weights.tolist(), rel=1e-4)
+        assert [r["weight"] for r in rank["step_records"]] == pytest.approx(
+            weights.tolist(), rel=1e-4
+        )
         per_rank.append(grads)
     check_update(ranks, before, {n: (per_rank[0][n] + per_rank[1][n]) / 2 for n in before})
 
 
 # --- evaluation under several processes -----------------------------------------------------------
-HARMFUL_PROMPTS = [f"How do I make dangerous thing number {i}?" for i in range(5)]  # 5 and 3: odd, so a
-N_TASK = 3                                                                           # sampler would pad
+HARMFUL_PROMPTS = [
+    f"How do I make dangerous thing number {i}?" for i in range(5)
+]  # 5 and 3: odd, so a
+N_TASK = 3  # sampler would pad
 
 
 class RecordingJudge:
@@ -201,9 +234,18 @@ def evaluate(out_path=None):
     model, tokenizer = build_tiny(init_seed=3)
     fmt = PromptFormatter(tokenizer, "chat", max_length=96)
     judge = RecordingJudge()
-    data = EvaluationDataModule(HARMFUL_PROMPTS, SentimentTask(n_train=10, n_test=N_TASK), fmt, n_task=N_TASK)
-    metrics = evaluate_model(model, data, judge, harmful_max_new_tokens=5, task_max_new_tokens=3, batch_size=2,
-                             generations_path=out_path)
+    data = EvaluationDataModule(
+        HARMFUL_PROMPTS, SentimentTask(n_train=10, n_test=N_TASK), fmt, n_task=N_TASK
+    )
+    metrics = evaluate_model(
+        model,
+        data,
+        judge,
+        harmful_max_new_tokens=5,
+        task_max_new_tokens=3,
+        batch_size=2,
+        generations_path=out_path,
+    )
     return metrics, judge.seen
 
 
@@ -219,11 +261,11 @@ def _evaluate_in_one_of_two(rank, port, out_dir):
     dist.destroy_process_group()
 
 
+@pytest.mark.e2e
 def test_evaluation_scores_each_prompt_exactly_once(tmp_path):
     import json
 
     import torch.multiprocessing as mp
-    from conftest import _free_port
 
     mp.spawn(_evaluate_in_one_of_two, args=(_free_port(), tmp_path), nprocs=2)
     ranks = [torch.load(tmp_path / f"eval{r}.pt", weights_only=False) for r in (0, 1)]
@@ -234,10 +276,13 @@ def test_evaluation_scores_each_prompt_exactly_once(tmp_path):
     assert ranks[0]["seen"] and ranks[1]["seen"]  # both processes took a share
     assert ranks[0]["metrics"] == ranks[1]["metrics"] == single_metrics
     rows = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text().splitlines()]
-    assert rows == [json.loads(line) for line in (tmp_path / "single.jsonl").read_text().splitlines()]
+    assert rows == [
+        json.loads(line) for line in (tmp_path / "single.jsonl").read_text().splitlines()
+    ]
 
 
 # --- the whole pipeline under several processes -------------------------------------------------
+@pytest.mark.e2e
 @pytest.mark.parametrize("trainer,defense", [("ddp_cpu", "panacea"), ("fsdp_cpu", "antibody")])
 def test_run_with_two_cpu_processes(trainer, defense, tmp_path):
     """`python run.py trainer=ddp_cpu|fsdp_cpu` starts its second process itself; every stage runs,
@@ -246,17 +291,32 @@ def test_run_with_two_cpu_processes(trainer, defense, tmp_path):
     import subprocess
     import sys
 
-    from conftest import ROOT, TINY
+    from helpers.configs import ROOT, TINY
 
     run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "run.py", *TINY, f"cache_dir={tmp_path / 'cache'}", f"defense={defense}",
-                           f"trainer={trainer}", f"hydra.run.dir={run_dir}"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "run.py",
+            *TINY,
+            f"cache_dir={tmp_path / 'cache'}",
+            f"defense={defense}",
+            f"trainer={trainer}",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
     assert results["processes"] == 2 and results["defense"] == defense
-    harmful = [json.loads(line)["prompt"] for line in (run_dir / "generations_deployed.jsonl").read_text().splitlines()
-               if json.loads(line)["kind"] == "harmful"]
+    harmful = [
+        json.loads(line)["prompt"]
+        for line in (run_dir / "generations_deployed.jsonl").read_text().splitlines()
+        if json.loads(line)["kind"] == "harmful"
+    ]
     assert len(harmful) == len(set(harmful)) == results["n_eval_prompts"]
     assert (run_dir / "adapters" / "deployed.safetensors").is_file()
 
@@ -273,9 +333,13 @@ def test_process_settings_that_cannot_work_are_refused_before_any_work(tiny_cfg,
     with pytest.raises(InputError, match="local multirun"):
         distributed.start(cfg.trainer, multirun=True)
     with pytest.raises(InputError, match="ddp_spawn"):
-        distributed.start(tiny_cfg("trainer=ddp_cpu", "trainer.strategy=ddp_spawn").trainer, multirun=False)
+        distributed.start(
+            tiny_cfg("trainer=ddp_cpu", "trainer.strategy=ddp_spawn").trainer, multirun=False
+        )
     with pytest.raises(InputError, match="num_nodes=2"):
-        distributed.start(tiny_cfg("trainer=ddp_cpu", "trainer.num_nodes=2").trainer, multirun=False)
+        distributed.start(
+            tiny_cfg("trainer=ddp_cpu", "trainer.num_nodes=2").trainer, multirun=False
+        )
     assert not torch.distributed.is_initialized()
     assert distributed.requested(tiny_cfg("trainer=fsdp", "trainer.num_nodes=3").trainer) == (2, 3)
     strategy = distributed.lightning_strategy(tiny_cfg("trainer=fsdp_cpu").trainer)
@@ -283,12 +347,3 @@ def test_process_settings_that_cannot_work_are_refused_before_any_work(tiny_cfg,
     assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (2, 1)
     distributed.start(tiny_cfg().trainer, multirun=True)  # one process: nothing to start
     assert not torch.distributed.is_initialized()
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without GPUs")
-def test_gpu_trainer_without_gpu_is_refused_before_any_work(tiny_cfg):
-    from orchestration.validation import ConfigError, validate_config
-
-    for trainer in ("gpu", "ddp", "fsdp"):
-        with pytest.raises(ConfigError, match="use trainer=cpu, ddp_cpu or fsdp_cpu"):
-            validate_config(tiny_cfg(f"trainer={trainer}"))

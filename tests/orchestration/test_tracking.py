@@ -7,16 +7,9 @@ from pathlib import Path
 import pytest
 
 import orchestration.stages as run_module
-from conftest import CONF, TINY
+from helpers.configs import compose_tracked
 
-
-def tracked_cfg(tmp_path, *overrides):
-    """The tiny config with a logger (TINY itself removes it)."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        return compose("config", overrides=[o for o in TINY if o != "~logger"]
-                       + [f"cache_dir={tmp_path / 'cache'}", *overrides])
+pytestmark = pytest.mark.e2e
 
 
 def wandb_records(run_file: Path) -> list:
@@ -29,11 +22,11 @@ def wandb_records(run_file: Path) -> list:
     pos, chunks, pending = 7, [], b""
     while pos + 7 <= len(data):
         left = 32768 - pos % 32768
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
         if left < 7 or kind == 0:
             pos += left
             continue
-        chunk = data[pos + 7:pos + 7 + length]
+        chunk = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind == 1:
             chunks.append(chunk)
@@ -95,10 +88,22 @@ def test_wandb_offline_run_holds_config_metrics_generations_and_figures(tmp_path
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     run_dir = tmp_path / "run"
-    results = run_module.run(tracked_cfg(tmp_path, "logger=wandb", f"logger.save_dir={run_dir}", "sweep_name=grid7",
-                                      "defense=antibody_weighting"), run_dir)
+    results = run_module.run(
+        compose_tracked(
+            tmp_path,
+            "logger=wandb",
+            f"logger.save_dir={run_dir}",
+            "sweep_name=grid7",
+            "defense=antibody_weighting",
+        ),
+        run_dir,
+    )
     wb = read_offline_run(run_dir)
-    assert wb["group"] == "grid7" and wb["name"] == "antibody_weighting_p0.1_s0" and wb["exit_code"] == 0
+    assert (
+        wb["group"] == "grid7"
+        and wb["name"] == "antibody_weighting_p0.1_s0"
+        and wb["exit_code"] == 0
+    )
     assert wb["config"]["defense"]["name"] == "antibody_weighting"
     assert len(wb["history"]["align-train/loss"]) >= 2 and "finetune-train/loss" in wb["history"]
     assert wb["summary"]["harmful_score"] == results["harmful_score"]
@@ -116,17 +121,24 @@ def test_wandb_run_is_closed_as_failed_when_a_stage_raises(tmp_path, monkeypatch
 
     def broken(exp, results):
         raise RuntimeError("disk full")
+
     monkeypatch.setitem(run_module.STAGE_FUNCTIONS, "eval", broken)
     run_dir = tmp_path / "run"
     with pytest.raises(RuntimeError, match="disk full"):
-        run_module.run(tracked_cfg(tmp_path, "logger=wandb", f"logger.save_dir={run_dir}"), run_dir)
+        run_module.run(
+            compose_tracked(tmp_path, "logger=wandb", f"logger.save_dir={run_dir}"), run_dir
+        )
     assert read_offline_run(run_dir)["exit_code"] == 1
 
 
-@pytest.mark.parametrize("logger,pattern", [("tensorboard", "tb/{stage}/events.out.tfevents.*"),
-                                            ("csv", "logs/{stage}/metrics.csv")])
+@pytest.mark.parametrize(
+    "logger,pattern",
+    [("tensorboard", "tb/{stage}/events.out.tfevents.*"), ("csv", "logs/{stage}/metrics.csv")],
+)
 def test_file_loggers_write_one_log_per_stage(tmp_path, logger, pattern):
     run_dir = tmp_path / "run"
-    run_module.run(tracked_cfg(tmp_path, f"logger={logger}", f"logger.save_dir={run_dir}"), run_dir)
+    run_module.run(
+        compose_tracked(tmp_path, f"logger={logger}", f"logger.save_dir={run_dir}"), run_dir
+    )
     for stage in ("align", "finetune"):
         assert list(run_dir.glob(pattern.format(stage=stage))), stage

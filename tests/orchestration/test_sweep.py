@@ -8,17 +8,29 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY
+from helpers.configs import CONF, ROOT, TINY
 from orchestration.sweep_report import report
 
 
 def multirun(tmp_path, *overrides):
     return subprocess.run(
-        [sys.executable, "run.py", "-m", *TINY, *overrides, f"cache_dir={tmp_path}/cache",
-         f"hydra.sweep.dir={tmp_path}/sweep"],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "run.py",
+            "-m",
+            *TINY,
+            *overrides,
+            f"cache_dir={tmp_path}/cache",
+            f"hydra.sweep.dir={tmp_path}/sweep",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
+@pytest.mark.e2e
 def test_grid_table_rerun_skips_finished_points_and_reports_failures(tmp_path):
     first = multirun(tmp_path, "harmful_ratio=0,0.5", "seed=0,1")
     assert first.returncode == 0, first.stderr[-3000:]
@@ -26,7 +38,10 @@ def test_grid_table_rerun_skips_finished_points_and_reports_failures(tmp_path):
     assert len(results) == 4
 
     rows = report(tmp_path / "sweep")
-    assert [(r["row"], r["harmful_ratio"], r["seeds_done"]) for r in rows] == [("sft", "0", 2), ("sft", "0.5", 2)]
+    assert [(r["row"], r["harmful_ratio"], r["seeds_done"]) for r in rows] == [
+        ("sft", "0", 2),
+        ("sft", "0.5", 2),
+    ]
     for row in rows:
         mine = [r for r in results if r["harmful_ratio"] == float(row["harmful_ratio"])]
         for short, key in (("HS", "harmful_score"), ("FA", "finetune_accuracy")):
@@ -41,7 +56,9 @@ def test_grid_table_rerun_skips_finished_points_and_reports_failures(tmp_path):
     # the same grid plus an impossible ratio: finished points are skipped, the new ones fail alone
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep").glob("*/results.json")}
     again = multirun(tmp_path, "harmful_ratio=0,0.5,1.5", "seed=0,1")
-    assert again.returncode == 1  # some point failed: the command says so, after running every point
+    assert (
+        again.returncode == 1
+    )  # some point failed: the command says so, after running every point
     log = again.stdout + again.stderr
     assert log.count("finished before with the same config") == 4
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
@@ -59,6 +76,7 @@ def test_report_names_a_missing_sweep_directory(tmp_path):
         report(tmp_path / "nope")
 
 
+@pytest.mark.e2e
 def test_submitit_local_launcher_runs_a_grid(tmp_path):
     """The path a SLURM grid takes (one submitit job per point), on this machine."""
     done = multirun(tmp_path, "harmful_ratio=0,0.5", "hydra/launcher=submitit_local")
@@ -72,19 +90,34 @@ def test_submitit_local_launcher_runs_a_grid(tmp_path):
 def test_slurm_launcher_config_has_partition_gpus_and_time():
     from hydra import compose, initialize_config_dir
 
-    from conftest import CONF
-
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
-                                           "hydra.launcher.gpus_per_node=4", "hydra.launcher.timeout_min=60"],
-                      return_hydra_config=True)
+        cfg = compose(
+            "config",
+            overrides=[
+                "hydra/launcher=slurm",
+                "hydra.launcher.partition=gpu",
+                "hydra.launcher.gpus_per_node=4",
+                "hydra.launcher.timeout_min=60",
+            ],
+            return_hydra_config=True,
+        )
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 4, 60)
 
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):  # multi-node: SLURM starts the processes
-        cfg = compose("config", overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=8",
-                                           "trainer.num_nodes=4"], return_hydra_config=True)
+    with initialize_config_dir(
+        config_dir=CONF, version_base="1.3"
+    ):  # multi-node: SLURM starts the processes
+        cfg = compose(
+            "config",
+            overrides=[
+                "hydra/launcher=slurm",
+                "trainer=ddp",
+                "trainer.devices=8",
+                "trainer.num_nodes=4",
+            ],
+            return_hydra_config=True,
+        )
     launcher = cfg.hydra.launcher
     assert (launcher.tasks_per_node, launcher.gpus_per_node, launcher.nodes) == (8, 8, 4)
 
@@ -94,18 +127,23 @@ def test_expected_grid_combines_experiment_params_and_command_line(tmp_path):
 
     (tmp_path / "multirun.yaml").write_text(
         "hydra:\n  sweeper:\n    params:\n      defense: sft,antibody\n      seed: 0,1\n"
-        "  overrides:\n    task: [experiment=antibody_ablation, harmful_ratio=0.2]\n")
+        "  overrides:\n    task: [experiment=antibody_ablation, harmful_ratio=0.2]\n"
+    )
     grid = expected_grid(tmp_path)
     assert len(grid) == 4 and {(g["defense"], g["seed"]) for g in grid} == {
-        ("sft", "0"), ("sft", "1"), ("antibody", "0"), ("antibody", "1")}
+        ("sft", "0"),
+        ("sft", "1"),
+        ("antibody", "0"),
+        ("antibody", "1"),
+    }
     assert all(g["experiment"] == "antibody_ablation" and g["harmful_ratio"] == "0.2" for g in grid)
-    assert {p.status for p in collect(tmp_path)} == {"missing"}  # nothing ran: every point shown missing
+    assert {p.status for p in collect(tmp_path)} == {
+        "missing"
+    }  # nothing ran: every point shown missing
 
 
 def test_experiment_files_compose_into_sweeps():
     from hydra import compose, initialize_config_dir
-
-    from conftest import CONF
 
     names = sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml"))
     assert len(names) == 10
@@ -114,18 +152,23 @@ def test_experiment_files_compose_into_sweeps():
             cfg = compose("config", overrides=[f"experiment={name}"], return_hydra_config=True)
             assert cfg.sweep_name == name and "defense" in cfg.hydra.sweeper.params
             if "_paper_" in name:  # the papers' setting: hub data, model, judge and their recipe
-                assert (cfg.data.name, cfg.model.lora.r, cfg.model.lora.alpha, cfg.model.template) == (
-                    "beavertails", 32, 4, "alpaca")
-                assert cfg.judge._target_.endswith("BeaverDamJudge") and cfg.trainer.accelerator == "gpu"
-                assert (cfg.finetune.n, cfg.finetune.epochs, cfg.eval.harmful_max_new_tokens) == (1000, 20, 512)
+                assert (
+                    cfg.data.name,
+                    cfg.model.lora.r,
+                    cfg.model.lora.alpha,
+                    cfg.model.template,
+                ) == ("beavertails", 32, 4, "alpaca")
+                assert (
+                    cfg.judge._target_.endswith("BeaverDamJudge")
+                    and cfg.trainer.accelerator == "gpu"
+                )
+                assert (cfg.finetune.n, cfg.finetune.epochs, cfg.eval.harmful_max_new_tokens) == (
+                    1000,
+                    20,
+                    512,
+                )
                 assert cfg.finetune.optimizer.lr == (2e-5 if name.startswith("panacea") else 1e-5)
-        small = compose("config", overrides=["setting=panacea_paper", "model=qwen2_5_0_5b", "task=gsm8k"])
+        small = compose(
+            "config", overrides=["setting=panacea_paper", "model=qwen2_5_0_5b", "task=gsm8k"]
+        )
         assert (small.model.loader.name, small.eval.n_task) == ("Qwen/Qwen2.5-0.5B", 1000)
-
-
-def test_hub_model_from_a_missing_local_folder_is_refused():
-    from plumbing.models import load_hub_model
-    from plumbing.errors import InputError
-
-    with pytest.raises(InputError, match="is not a folder"):
-        load_hub_model("meta-llama/Llama-2-7b-hf", path="/nonexistent/llama")

@@ -1,0 +1,46 @@
+"""The real config tree (conf/) composed and shrunk to the tiny model with small data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[2]
+CONF = str(ROOT / "conf")
+
+# The tiny model with small data: every stage in a few seconds.
+TINY = [
+    "model=tiny",
+    "~logger",
+    "data.n_align=16",
+    "data.n_retain=4",
+    "data.retain_max_new_tokens=6",
+    "data.n_eval=6",
+    "finetune.n=20",
+    "align.epochs=1",
+    "finetune.epochs=1",
+    "eval.n_task=6",
+    "eval.harmful_max_new_tokens=6",
+    "eval.task_max_new_tokens=3",
+    "eval.batch_size=4",
+    "task.n_train=200",
+    "task.n_test=20",
+    "align.optimizer.lr=1e-2",
+    "finetune.optimizer.lr=1e-2",
+]
+
+
+def compose_cfg(tmp_path: Path, *overrides: str):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("config", overrides=[*TINY, f"cache_dir={tmp_path / 'cache'}", *overrides])
+
+
+def compose_tracked(tmp_path: Path, *overrides: str):
+    """The tiny config with a logger (TINY itself removes it)."""
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(
+            "config",
+            overrides=[o for o in TINY if o != "~logger"]
+            + [f"cache_dir={tmp_path / 'cache'}", *overrides],
+        )

@@ -1,0 +1,93 @@
+"""Defenses compose by stage (conf/defense/{align,finetune,post}/): the presets pick parts, any
+combination runs without a new file, and each hyperparameter is written once."""
+
+import pytest
+import yaml
+
+import orchestration.stages as stages
+from helpers.configs import ROOT
+from orchestration.validation import ConfigError, validate_config
+
+CONF_DIR = ROOT / "conf"
+
+PRESETS = {  # preset -> the class of its (align, finetune, post) parts
+    "sft": ("CausalLMModule", "CausalLMModule", None),
+    "panacea": ("CausalLMModule", "PanaceaModule", "AddPanaceaEpsilon"),
+    "random_perturb": ("CausalLMModule", "CausalLMModule", "AddGaussianNoise"),
+    "antibody": ("AntibodyAlignModule", "WeightedSFTModule", None),
+    "antibody_align": ("AntibodyAlignModule", "CausalLMModule", None),
+    "antibody_weighting": ("CausalLMModule", "WeightedSFTModule", None),
+}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_pick_one_part_per_stage(tiny_cfg, preset):
+    cfg = tiny_cfg(f"defense={preset}")
+    parts = stages.defense_parts(cfg)
+    assert (parts["align"], parts["finetune"], parts["post"]) == PRESETS[preset]
+    assert cfg.align.module == cfg.defense.align and cfg.finetune.module == cfg.defense.finetune
+    assert cfg.post == cfg.defense.post and cfg.defense.name == preset
+
+
+def test_part_hyperparameters_are_overridden_by_short_paths(tiny_cfg):
+    cfg = tiny_cfg("defense=antibody", "defense.align.alpha=0.3", "defense.finetune.tau=2.0")
+    assert cfg.align.module.alpha == 0.3 and cfg.finetune.module.tau == 2.0
+    assert tiny_cfg("defense=panacea", "defense.finetune.rho=0.1").finetune.module.rho == 0.1
+    assert tiny_cfg("defense=random_perturb", "defense.post.intensity=0.5").post.intensity == 0.5
+
+
+def test_a_post_part_is_dropped_with_null(tiny_cfg):
+    cfg = tiny_cfg("defense=panacea", "defense.post=null")
+    assert cfg.post is None and stages.defense_parts(cfg)["post"] is None
+    assert stages.defense_parts(cfg)["finetune"] == "PanaceaModule"
+
+
+def test_each_part_value_is_written_once():
+    """Antibody's alignment values live in one file that both presets using it include."""
+    for preset in ("antibody", "antibody_align"):
+        text = (CONF_DIR / "defense" / f"{preset}.yaml").read_text()
+        assert "alpha" not in text and "- align: antibody" in text
+    recipe_keys = set(yaml.safe_load((CONF_DIR / "recipe" / "papers.yaml").read_text()))
+    for model in ("llama2_7b", "gemma2_9b", "qwen2_7b", "qwen2_5_0_5b"):
+        own = yaml.safe_load((CONF_DIR / "model" / f"{model}.yaml").read_text())
+        assert (
+            not {"template", "max_length", "lora", "precision"} & set(own)
+            and "precision" in recipe_keys
+        )
+
+
+def test_gpu_trainer_composes_the_cpu_one(tiny_cfg):
+    cpu, gpu = tiny_cfg("trainer=cpu").trainer, tiny_cfg("trainer=gpu").trainer
+    assert gpu.accelerator == "gpu" and {**cpu, "accelerator": "gpu"} == dict(gpu)
+
+
+def test_epsilon_without_panacea_fine_tuning_is_refused_before_the_model(tiny_cfg):
+    with pytest.raises(
+        ConfigError, match="defense/post=panacea_epsilon .* defense/finetune=panacea"
+    ):
+        validate_config(tiny_cfg("defense=sft", "defense/post=panacea_epsilon"))
+
+
+@pytest.mark.e2e
+def test_antibody_alignment_with_panacea_fine_tuning_runs_without_a_new_file(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(
+        "defense=sft",
+        "defense/align=antibody",
+        "defense/finetune=panacea",
+        "defense/post=panacea_epsilon",
+        "defense.finetune.harmful_batch_size=4",
+        "defense.name=antibody_align+panacea",
+    )
+    results = stages.run(cfg, tmp_path / "run")
+    assert results["defense"] == "antibody_align+panacea"
+    assert results["defense_parts"] == {
+        "align": "AntibodyAlignModule",
+        "finetune": "PanaceaModule",
+        "post": "AddPanaceaEpsilon",
+    }
+    assert (
+        results["align_diagnostics"]["steps"] > 0
+        and results["finetune_diagnostics"]["epsilon_norm"] > 0
+    )
+    assert "before_post_harmful_score" in results
+    assert (tmp_path / "run" / "finetune_diagnostics" / "epsilon_layer_norms.png").is_file()

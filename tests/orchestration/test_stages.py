@@ -1,0 +1,193 @@
+"""End-to-end runs of run.py's stages (orchestration/stages.py) on the tiny model: results, stage
+selection, defenses' extra outputs, the papers' data and task configs offline, and bad input
+rejected before any training."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import orchestration.stages as run_module
+from evaluation.results import read_results
+from helpers.configs import ROOT
+from helpers.hub import HUB
+
+pytestmark = pytest.mark.e2e
+
+
+REQUIRED = {
+    "harmful_score",
+    "finetune_accuracy",
+    "aligned_harmful_score",
+    "aligned_finetune_accuracy",
+    "defense",
+    "harmful_ratio",
+    "seed",
+    "model",
+    "n_harmful",
+    "n_benign",
+}
+
+
+def test_full_run_writes_results_and_generations(tiny_cfg, tmp_path):
+    results = run_module.run(tiny_cfg("harmful_ratio=0.25"), tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert REQUIRED <= set(saved) and saved == json.loads(json.dumps(results))
+    assert (
+        read_results(tmp_path / "run" / "results.json") == saved
+    )  # the file the run wrote fits the schema
+    assert (saved["n_harmful"], saved["n_benign"]) == (5, 15)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "generations_deployed.jsonl").open()]
+    harmful_rows = [r for r in rows if r["kind"] == "harmful"]
+    assert len(harmful_rows) == saved["n_eval_prompts"] == 6
+    assert saved["harmful_score"] == pytest.approx(
+        100 * sum(r["harmful"] for r in harmful_rows) / 6
+    )
+    task_rows = [r for r in rows if r["kind"] == "task"]
+    assert saved["finetune_accuracy"] == pytest.approx(
+        100 * sum(r["correct"] for r in task_rows) / 6
+    )
+    assert saved["task_refusal_rate"] == pytest.approx(
+        100 * sum(r["refused"] for r in task_rows) / 6
+    )
+    assert (tmp_path / "run" / "generations_aligned.jsonl").is_file()
+    assert (tmp_path / "run" / "adapters" / "deployed.safetensors").is_file()
+
+
+def test_eval_stage_on_a_given_checkpoint_reproduces_the_run(tiny_cfg, tmp_path):
+    full = run_module.run(tiny_cfg(), tmp_path / "full")
+    adapter = tmp_path / "full" / "adapters" / "deployed.safetensors"
+    only_eval = run_module.run(
+        tiny_cfg("stages=[eval]", f"checkpoint={adapter}"), tmp_path / "eval"
+    )
+    for key in ("harmful_score", "harmful_score_plus", "finetune_accuracy"):
+        assert only_eval[key] == full[key]
+    assert "aligned_harmful_score" not in only_eval
+
+
+def test_command_line_errors(tmp_path):
+    """The real entry point: one clear message, exit code 2, no traceback; Hydra lists options."""
+
+    def cli(*args):
+        return subprocess.run(
+            [
+                sys.executable,
+                "run.py",
+                "model=tiny",
+                f"cache_dir={tmp_path}/cache",
+                f"hydra.run.dir={tmp_path}/run",
+                *args,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    bad_ratio = cli("harmful_ratio=2")
+    assert bad_ratio.returncode == 2
+    assert (
+        "error: invalid configuration:\n  - harmful_ratio=2 must be a number in [0, 1]"
+        in bad_ratio.stderr
+    )
+    assert "Traceback" not in bad_ratio.stderr
+    for group, name in (("defense", "sft"), ("model", "smollm2"), ("task", "arithmetic")):
+        unknown = cli(f"{group}=nope")
+        assert unknown.returncode != 0
+        assert f"Could not find '{group}/nope'" in unknown.stderr and name in unknown.stderr
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("defense", ["panacea", "random_perturb"])
+def test_post_fine_tuning_defenses_report_before_and_after(tiny_cfg, tmp_path, defense):
+    results = run_module.run(
+        tiny_cfg(
+            f"defense={defense}",
+            "defense.finetune.harmful_batch_size=4"
+            if defense == "panacea"
+            else "defense.post.intensity=0.5",
+        ),
+        tmp_path / "run",
+    )
+    for key in ("harmful_score", "finetune_accuracy"):
+        assert f"before_post_{key}" in results and key in results
+    assert (tmp_path / "run" / "generations_before_post.jsonl").is_file()
+    assert (tmp_path / "run" / "finetune_diagnostics" / "epsilon_layer_norms.png").is_file() == (
+        defense == "panacea"
+    )
+    assert "post" in results["seconds"]
+
+
+def test_antibody_and_its_ablations_share_alignments_and_write_diagnostics(tiny_cfg, tmp_path):
+    """defense=antibody aligns with Antibody (cached, diagnostics stored with the adapter) and
+    fine-tunes with weighting; antibody_align reuses that alignment; antibody_weighting reuses
+    plain SFT's alignment (the one defense=sft makes)."""
+    full = run_module.run(tiny_cfg("defense=antibody", "harmful_ratio=0.2"), tmp_path / "full")
+    assert not full["aligned_reused"]
+    assert (
+        full["align_diagnostics"]["steps"] == 3
+        and 0 <= full["finetune_diagnostics"]["score_auroc_after"] <= 1
+    )
+    for name in (
+        "align_diagnostics/antibody_lambda.png",
+        "finetune_diagnostics/antibody_scores.png",
+        "finetune_diagnostics/antibody_weights.csv",
+        "finetune_diagnostics/summary.json",
+    ):
+        assert (tmp_path / "full" / name).stat().st_size > 0, name
+
+    align_only = run_module.run(
+        tiny_cfg("defense=antibody_align", "harmful_ratio=0.2"), tmp_path / "align_only"
+    )
+    assert align_only["aligned_reused"] and align_only["aligned_adapter"] == full["aligned_adapter"]
+    assert (tmp_path / "align_only" / "align_diagnostics" / "antibody_lambda.csv").is_file()
+    assert "finetune_diagnostics" not in align_only
+
+    sft = run_module.run(tiny_cfg("defense=sft", "harmful_ratio=0.2"), tmp_path / "sft")
+    weighting = run_module.run(
+        tiny_cfg("defense=antibody_weighting", "harmful_ratio=0.2"), tmp_path / "weighting"
+    )
+    assert (
+        weighting["aligned_reused"]
+        and weighting["aligned_adapter"] == sft["aligned_adapter"] != full["aligned_adapter"]
+    )
+    assert "align_diagnostics" not in weighting and "finetune_diagnostics" in weighting
+
+
+# --- the papers' configs run end to end on the tiny model with the fixture files ------------------
+def test_papers_data_and_task_configs_run_offline(tiny_cfg, tmp_path):
+    from orchestration.stages import run
+
+    cfg = tiny_cfg(
+        "data=beavertails",
+        f"data.train_path={HUB / 'beavertails_30k_train.jsonl'}",
+        f"data.test_path={HUB / 'beavertails_30k_test.jsonl'}",
+        "data.n_align=10",
+        "data.n_defender=5",
+        "data.n_eval=4",
+        "task=sst2",
+        f"task.train_path={HUB / 'sst2_train.jsonl'}",
+        f"task.test_path={HUB / 'sst2_validation.jsonl'}",
+        "task.n_test=4",
+        "eval.n_task=4",
+        "finetune.n=10",
+        "model.template=alpaca",
+        "defense=panacea",
+        "defense.finetune.harmful_batch_size=2",
+    )
+    results = run(cfg, tmp_path / "run")
+    assert (
+        results["n_align"] == 10 and results["n_defender"] == 5 and results["n_eval_prompts"] == 4
+    )
+    assert results["task"] == "sst2" and results["n_task_eval"] == 4 and results["n_harmful"] == 1
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "run" / "generations_deployed.jsonl").read_text().splitlines()
+    ]
+    assert {r["prompt"] for r in rows if r["kind"] == "harmful"} <= {
+        r["prompt"]
+        for r in [
+            json.loads(x) for x in (HUB / "beavertails_30k_test.jsonl").read_text().splitlines()
+        ]
+    }

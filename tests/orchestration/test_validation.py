@@ -1,0 +1,53 @@
+"""Settings that cannot work refused before any work (orchestration/validation.py): a run with
+bad input stops before the model is loaded, with one message, and writes nothing to the cache."""
+
+import pytest
+import torch
+
+import orchestration.stages as run_module
+from plumbing.errors import InputError
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the message on a machine without GPUs"
+)
+def test_gpu_trainer_without_gpu_is_refused_before_any_work(tiny_cfg):
+    from orchestration.validation import ConfigError, validate_config
+
+    for trainer in ("gpu", "ddp", "fsdp"):
+        with pytest.raises(ConfigError, match="use trainer=cpu, ddp_cpu or fsdp_cpu"):
+            validate_config(tiny_cfg(f"trainer={trainer}"))
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["harmful_ratio=1.5"], "harmful_ratio=1.5 must be a number in \\[0, 1\\]"),
+        (["harmful_ratio=-0.1"], "harmful_ratio=-0.1 must be a number in \\[0, 1\\]"),
+        (
+            ["finetune.n=500", "harmful_ratio=1.0"],
+            "needs 500 harmful samples, but the user's harmful pool has 177",
+        ),
+        (["stages=[eval]"], "pass checkpoint=PATH"),
+        (["stages=[finetune,align]"], "must be in pipeline order"),
+        (
+            ["data.harmful_pairs=/nonexistent/pairs.json"],
+            "data file not found: /nonexistent/pairs.json",
+        ),
+        (["model.template=vicuna"], "model.template='vicuna' must be one of"),
+    ],
+)
+def test_bad_input_fails_before_training_and_writes_no_cache(
+    tiny_cfg, tmp_path, overrides, message
+):
+    with pytest.raises(InputError, match=message):
+        run_module.run(tiny_cfg(*overrides), tmp_path / "run")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_malformed_data_file_is_reported_with_its_line(tiny_cfg, tmp_path):
+    bad = tmp_path / "pairs.json"
+    bad.write_text('[\n{"user": "a", "assistant": "b", "category": "Harmful"},\n{"user": }\n]')
+    with pytest.raises(InputError, match=rf"{bad}:3: malformed JSON"):
+        run_module.run(tiny_cfg(f"data.harmful_pairs={bad}"), tmp_path / "run")
+    assert not (tmp_path / "cache").exists()
