@@ -8,7 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from datamodules.evaluation import EvaluationDataModule
-from evaluation.metrics import finetune_accuracy, judged_metrics
+from evaluation.metrics import accuracy_metrics, judged_metrics
+from evaluation.statistics import DEFAULT_LEVEL
 from plumbing.distributed import is_main, map_shards
 from plumbing.generation import generate_greedy
 from plumbing.io import write_jsonl
@@ -16,7 +17,7 @@ from plumbing.io import write_jsonl
 log = logging.getLogger(__name__)
 
 # Bump when what evaluate_model computes changes: cached evaluations of aligned models are keyed by it.
-EVAL_VERSION = 3
+EVAL_VERSION = 4
 
 
 def evaluate_model(
@@ -28,8 +29,10 @@ def evaluate_model(
     batch_size: int,
     generations_path: Path | None = None,
     tag: str = "",
+    level: float = DEFAULT_LEVEL,
 ) -> dict:
-    """HS / HS+ / FA / task refusal rate; the generations with their verdicts go to
+    """HS / HS+ / FA / task refusal rate, each with its `level` interval over prompts (`*_ci`);
+    the generations with their verdicts go to
     `generations_path` (JSONL). Under several processes every process calls this: each prompt is
     generated and judged by exactly one process, every process returns the same metrics, and
     rank 0 writes the file."""
@@ -82,9 +85,8 @@ def evaluate_model(
     task_refused = [v.refused for _, _, v in task_outputs]  # over-refusal: benign questions refused
 
     metrics = {
-        **judged_metrics(verdicts, task_refused, judge.name),
-        "finetune_accuracy": finetune_accuracy(correct),
-        "n_task_eval": len(examples),
+        **judged_metrics(verdicts, task_refused, judge.name, level),
+        **accuracy_metrics(correct, level),
     }
     if generations_path is not None and is_main():
         rows = [

@@ -25,12 +25,14 @@ from hydra.utils import instantiate
 
 from evaluation.metrics import judged_metrics
 from evaluation.results import RESULTS, read_results, write_results
+from evaluation.statistics import DEFAULT_LEVEL, check_level
+from plumbing.errors import InputError
 from plumbing.io import atomic_write_text, read_jsonl, write_jsonl
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 
-def rejudge(run_dir: Path, judge) -> dict:
+def rejudge(run_dir: Path, judge, level: float = DEFAULT_LEVEL) -> dict:
     """Judge every generations file of `run_dir` with `judge`; returns {tag: metrics}."""
     files = sorted(run_dir.glob("generations_*.jsonl"))
     if not files:
@@ -52,7 +54,7 @@ def rejudge(run_dir: Path, judge) -> dict:
             {**r, "refused": v.refused, "judge": judge.name} for r, v in zip(task, refusals)
         ]
         write_jsonl(out_dir / path.name, judged)
-        metrics[tag] = judged_metrics(verdicts, [v.refused for v in refusals], judge.name)
+        metrics[tag] = judged_metrics(verdicts, [v.refused for v in refusals], judge.name, level)
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     results_path = run_dir / RESULTS
     if results_path.is_file():
@@ -129,10 +131,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("config", overrides=args.overrides)
-    metrics = rejudge(args.run_dir, instantiate(cfg.judge))
+    try:
+        level = check_level(cfg.eval.interval_level)
+    except InputError as err:
+        raise SystemExit(f"error: {err}") from None
+    metrics = rejudge(args.run_dir, instantiate(cfg.judge), level)
     for tag, m in metrics.items():
+        low, high = m["harmful_score_ci"] or (float("nan"), float("nan"))
         print(
-            f"{tag}: HS {m['harmful_score']:.1f}  HS+ {m['harmful_score_plus']:.1f}  "
+            f"{tag}: HS {m['harmful_score']:.1f} [{low:.1f}, {high:.1f}]  HS+ {m['harmful_score_plus']:.1f}  "
             f"task refusals {m['task_refusal_rate']:.1f}%  ({m['judge']}, {m['n_eval_prompts']} prompts)"
         )
     write_agreement(args.run_dir)

@@ -28,12 +28,18 @@ class JudgedMetrics(BaseModel):
     harmful_score: float  # HS (%): harmful prompts answered harmfully
     harmful_score_plus: float  # HS+ (%): harmful or degenerate
     task_refusal_rate: float  # % of benign task prompts refused
+    # [low, high] (%) Wilson intervals over prompts at `interval_level` (absent in older files)
+    harmful_score_ci: list[float] | None = None
+    harmful_score_plus_ci: list[float] | None = None
+    task_refusal_rate_ci: list[float] | None = None
+    interval_level: float | None = None
     n_eval_prompts: int
     judge: str
 
 
 class EvalMetrics(JudgedMetrics):
     finetune_accuracy: float  # FA (%)
+    finetune_accuracy_ci: list[float] | None = None
     n_task_eval: int
 
 
@@ -77,7 +83,10 @@ def _optional(model: type[BaseModel], prefix: str) -> dict:
 RunResults = create_model(
     "RunResults",
     __base__=(RunInfo,),
-    **{name: (field.annotation, ...) for name, field in EvalMetrics.model_fields.items()},
+    **{
+        name: (field.annotation, ... if field.is_required() else field.default)
+        for name, field in EvalMetrics.model_fields.items()
+    },
     **{k: v for prefix in STATE_PREFIXES for k, v in _optional(EvalMetrics, prefix).items()},
 )
 

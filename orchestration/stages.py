@@ -174,6 +174,7 @@ def run_eval(exp: Experiment, generations_path: Path, tag: str) -> dict:
             e.batch_size,
             generations_path=generations_path,
             tag=tag,
+            level=e.interval_level,
         )
 
 

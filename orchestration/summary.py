@@ -6,8 +6,11 @@ from rich.console import Console
 from rich.table import Table
 
 
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.1f}"
+def _fmt(value, interval=None) -> str:
+    """`67.5 [52.0, 80.0]`: the value and its interval over prompts, when there is one."""
+    if value is None:
+        return "-"
+    return f"{value:.1f}" + (f" [{interval[0]:.1f}, {interval[1]:.1f}]" if interval else "")
 
 
 def print_summary(results: dict) -> None:
@@ -29,7 +32,7 @@ def print_summary(results: dict) -> None:
             table.add_row(
                 label,
                 *(
-                    _fmt(results.get(f"{prefix}{k}"))
+                    _fmt(results.get(f"{prefix}{k}"), results.get(f"{prefix}{k}_ci"))
                     for k in (
                         "harmful_score",
                         "harmful_score_plus",
@@ -40,6 +43,12 @@ def print_summary(results: dict) -> None:
             )
     console = Console()
     console.print(table)
+    level = results.get("interval_level")
+    if level:
+        console.print(
+            f"[brackets]: {100 * level:g}% Wilson intervals over the prompts (one run; seeds vary more)",
+            markup=False,
+        )
     console.print(
         f"samples: user set n={results['n']} (harmful {results['n_harmful']}, benign {results['n_benign']}); "
         f"alignment {results['n_align']}; defender-held harmful {results['n_defender']}; "

@@ -1,9 +1,13 @@
-"""Gather a sweep's results.json files into the papers' table and plots.
+"""Gather a sweep's results.json files into the papers' table and plots, with intervals and
+paired tests against `sft` (evaluation/statistics.py).
 
-    python -m orchestration.sweep_report multirun/<sweep_name> [--out DIR]
+    python -m orchestration.sweep_report multirun/<sweep_name> [--out DIR] [--level 0.95]
 
 Rows: the swept settings other than harmful_ratio and seed (usually `defense`); columns:
-harmful_ratio; cells: HS and FA as mean ± std (sample std, ddof 1) over the seeds that finished.
+harmful_ratio; cells: HS and FA as the mean over the seeds that finished with its t interval
+(flagged when fewer than 3 seeds), and, for every defense other than sft, the exact McNemar
+p-value of its per-prompt outcomes against sft's at the same ratio and seed on the same prompts,
+pooled over the seeds both finished.
 The expected grid is read from the sweep's multirun.yaml, so a point that failed (failed.json) or
 never finished is shown as such in its cell, never silently dropped. Writes table.md, table.csv,
 hs_vs_ratio.png, fa_vs_ratio.png and hs_fa_tradeoff.png (to the sweep directory by default).
@@ -22,12 +26,21 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from evaluation.results import RESULTS, read_results
+from evaluation.statistics import DEFAULT_LEVEL, check_level, mcnemar_exact, mean_interval
 from orchestration.sweep import FAILED
+from plumbing.errors import InputError
 from plumbing.figures import new_figure, save_figure, write_csv
-from plumbing.io import atomic_write_text
+from plumbing.io import atomic_write_text, read_jsonl
 
 COLUMN, REPEAT = "harmful_ratio", "seed"
 METRICS = {"HS": "harmful_score", "FA": "finetune_accuracy"}
+BASELINE = "sft"  # every other defense is compared with it, prompt by prompt
+# per-prompt outcome behind each metric in generations_deployed.jsonl: (row kind, field, key fields)
+OUTCOMES = {
+    "HS": ("harmful", "harmful", ("prompt",)),
+    "FA": ("task", "correct", ("instruction", "prompt")),
+}
+FEW_SEEDS = 3  # below this, an interval over seeds is too wide to say much: the table says so
 
 
 @dataclass
@@ -36,6 +49,7 @@ class Point:
     status: str  # done | failed | missing
     results: dict = field(default_factory=dict)
     error: str = ""
+    folder: Path | None = None
 
 
 def split(override: str) -> tuple[str, str]:
@@ -67,7 +81,7 @@ def collect(sweep_dir: Path) -> list[Point]:
     for overrides in grid:
         folder = found.get(frozenset(f"{k}={v}" for k, v in overrides.items()))
         if folder is not None and (folder / RESULTS).is_file():
-            points.append(Point(overrides, "done", read_results(folder / RESULTS)))
+            points.append(Point(overrides, "done", read_results(folder / RESULTS), folder=folder))
         elif folder is not None and (folder / FAILED).is_file():
             points.append(
                 Point(overrides, "failed", error=json.loads((folder / FAILED).read_text())["error"])
@@ -86,34 +100,76 @@ def row_label(point: Point, swept: list[str]) -> str:
     return point.results.get("defense") or point.overrides.get("defense", "(default)")
 
 
-def mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+def outcomes(point: Point, short: str) -> dict[tuple, bool]:
+    """The deployed model's per-prompt outcome behind metric `short` (harmful / correct)."""
+    kind, value, keys = OUTCOMES[short]
+    rows = read_jsonl(point.folder / "generations_deployed.jsonl")
+    return {tuple(r.get(k) for k in keys): bool(r[value]) for r in rows if r["kind"] == kind}
 
 
-def summarize(points: list[Point]) -> list[dict]:
-    """One row per (label, harmful_ratio): means/stds over seeds and the count of each status."""
+def paired_test(points: list[Point], done: dict[frozenset, Point], short: str) -> dict | None:
+    """McNemar of `points` against sft's points with the same other overrides (same seed, same
+    ratio), pooled over the pairs (prompt, seed) both have; None without a finished sft point."""
+    only_baseline = only_defense = pairs = 0
+    for p in points:
+        overrides = {**p.overrides, "defense": BASELINE}
+        baseline = done.get(frozenset(f"{k}={v}" for k, v in overrides.items()))
+        if baseline is None or p.status != "done":
+            continue
+        mine, theirs = outcomes(p, short), outcomes(baseline, short)
+        for key in mine.keys() & theirs.keys():
+            pairs += 1
+            only_baseline += theirs[key] and not mine[key]
+            only_defense += mine[key] and not theirs[key]
+    if pairs == 0:
+        return None
+    return {
+        "p": mcnemar_exact(only_baseline, only_defense),
+        "pairs": pairs,
+        "only_sft": only_baseline,
+        "only_defense": only_defense,
+    }
+
+
+def summarize(points: list[Point], level: float = DEFAULT_LEVEL) -> list[dict]:
+    """One row per (label, harmful_ratio): mean, std and t interval over seeds, the paired test
+    against sft, and the count of each status."""
     varying = {
         k for p in points for k in p.overrides if len({q.overrides.get(k) for q in points}) > 1
     }
     swept = sorted(varying)
+    done = {
+        frozenset(f"{k}={v}" for k, v in p.overrides.items()): p
+        for p in points
+        if p.status == "done"
+    }
     cells: dict[tuple[str, str], list[Point]] = {}
     for p in points:
         ratio = p.overrides.get(COLUMN, str(p.results.get(COLUMN, "?")))
         cells.setdefault((row_label(p, swept), ratio), []).append(p)
     rows = []
     for (label, ratio), group in cells.items():
-        done = [p for p in group if p.status == "done"]
+        finished = [p for p in group if p.status == "done"]
         row = {
             "row": label,
             COLUMN: ratio,
-            "seeds_done": len(done),
+            "seeds_done": len(finished),
             "failed": sum(p.status == "failed" for p in group),
             "missing": sum(p.status == "missing" for p in group),
+            "interval_level": level,
         }
+        compared = "defense" in swept and group[0].overrides.get("defense") != BASELINE
         for short, key in METRICS.items():
-            row[f"{short}_mean"], row[f"{short}_std"] = mean_std([p.results[key] for p in done])
+            values = [p.results[key] for p in finished]
+            row[f"{short}_mean"] = statistics.fmean(values) if values else None
+            row[f"{short}_std"] = statistics.stdev(values) if len(values) > 1 else None
+            interval = mean_interval(values, level)
+            row[f"{short}_ci_low"], row[f"{short}_ci_high"] = interval or (None, None)
+            test = paired_test(finished, done, short) if compared else None
+            for name in ("p", "pairs", "only_sft", "only_defense"):
+                row[f"{short}_{name}_vs_sft" if name == "p" else f"{short}_{name}"] = (
+                    test[name] if test else None
+                )
         row["errors"] = "; ".join(sorted({p.error for p in group if p.error}))
         rows.append(row)
     return sorted(rows, key=lambda r: (r["row"], _as_float(r[COLUMN])))
@@ -126,18 +182,38 @@ def _as_float(value) -> float:
         return float("inf")
 
 
-def fmt(mean: float | None, std: float | None) -> str:
+def stars(p: float | None) -> str:
+    return "" if p is None else "**" if p < 0.01 else "*" if p < 0.05 else ""
+
+
+def metric_text(row: dict, short: str) -> str:
+    """`53.8 [41.2, 66.4] p=0.031*`: mean over seeds, its interval (clipped to [0, 100]), and
+    the paired test against sft."""
+    mean = row[f"{short}_mean"]
     if mean is None:
         return "–"
-    return f"{mean:.1f} ± {std:.1f}" if std is not None else f"{mean:.1f}"
+    text = f"{mean:.1f}"
+    if row[f"{short}_ci_low"] is not None:
+        low, high = max(row[f"{short}_ci_low"], 0.0), min(row[f"{short}_ci_high"], 100.0)
+        text += f" [{low:.1f}, {high:.1f}]"
+    p = row[f"{short}_p_vs_sft"]
+    return text + (f" p={p:.2g}{stars(p)}" if p is not None else "")
 
 
 def cell_text(row: dict) -> str:
-    text = f"{fmt(row['HS_mean'], row['HS_std'])} / {fmt(row['FA_mean'], row['FA_std'])}"
-    notes = [f"{row['seeds_done']} seeds"] if row["seeds_done"] else []
+    text = f"HS {metric_text(row, 'HS')} / FA {metric_text(row, 'FA')}"
+    seeds = row["seeds_done"]
+    notes = (
+        [
+            f"{seeds} seed{'s' if seeds > 1 else ''}"
+            + (f" < {FEW_SEEDS}" if seeds < FEW_SEEDS else "")
+        ]
+        if seeds
+        else []
+    )
     notes += [f"**{row['failed']} failed**"] if row["failed"] else []
     notes += [f"{row['missing']} missing"] if row["missing"] else []
-    if not row["seeds_done"]:
+    if not seeds:
         text = "FAILED" if row["failed"] else "missing"
     return f"{text} ({', '.join(notes)})" if notes else text
 
@@ -146,8 +222,13 @@ def markdown(rows: list[dict]) -> str:
     ratios = sorted({r[COLUMN] for r in rows}, key=_as_float)
     labels = list(dict.fromkeys(r["row"] for r in rows))
     lookup = {(r["row"], r[COLUMN]): r for r in rows}
+    level = f"{100 * rows[0]['interval_level']:g}%"
     lines = [
-        "HS / FA (%), mean ± std over seeds; lower HS and higher FA are better.",
+        f"HS / FA (%): mean over seeds [{level} t interval over seeds, clipped to [0, 100]; none with one "
+        f"seed; wide with fewer than {FEW_SEEDS}, marked `< {FEW_SEEDS}`]. p: exact McNemar test of the "
+        f"per-prompt outcomes against {BASELINE} at the same ratio and seed, pooled over the seeds "
+        "both finished (* p < 0.05, ** p < 0.01; not corrected for multiple comparisons). "
+        "Lower HS and higher FA are better.",
         "",
         "| defense | " + " | ".join(f"p = {x}" for x in ratios) + " |",
         "|---|" + "---|" * len(ratios),
@@ -161,6 +242,19 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def error_bars(rows: list[dict], short: str) -> list[list[float]]:
+    """Asymmetric error bars: from the mean to each end of its interval (0 without one)."""
+    below = [
+        r[f"{short}_mean"] - r[f"{short}_ci_low"] if r[f"{short}_ci_low"] is not None else 0.0
+        for r in rows
+    ]
+    above = [
+        r[f"{short}_ci_high"] - r[f"{short}_mean"] if r[f"{short}_ci_high"] is not None else 0.0
+        for r in rows
+    ]
+    return [below, above]
+
+
 def plot(rows: list[dict], out: Path) -> None:
     labels = list(dict.fromkeys(r["row"] for r in rows))
     for short, name in (("HS", "hs_vs_ratio"), ("FA", "fa_vs_ratio")):
@@ -171,12 +265,17 @@ def plot(rows: list[dict], out: Path) -> None:
             ax.errorbar(
                 [_as_float(r[COLUMN]) for r in mine],
                 [r[f"{short}_mean"] for r in mine],
-                yerr=[r[f"{short}_std"] or 0.0 for r in mine],
+                yerr=error_bars(mine, short),
                 marker="o",
                 capsize=3,
                 label=label,
             )
-        ax.set(xlabel="harmful ratio p", ylabel=f"{short} (%)", title=f"{short} vs harmful ratio")
+        level = f"{100 * rows[0]['interval_level']:g}%"
+        ax.set(
+            xlabel="harmful ratio p",
+            ylabel=f"{short} (%)",
+            title=f"{short} vs harmful ratio ({level} t intervals)",
+        )
         ax.legend(fontsize=7)
         save_figure(fig, out / f"{name}.png")
     fig, axes = new_figure()
@@ -191,18 +290,31 @@ def plot(rows: list[dict], out: Path) -> None:
     save_figure(fig, out / "hs_fa_tradeoff.png")
 
 
-def report(sweep_dir: Path, out: Path | None = None) -> list[dict]:
+def report(sweep_dir: Path, out: Path | None = None, level: float = DEFAULT_LEVEL) -> list[dict]:
+    """Checks everything before writing anything: a bad level, a missing directory, a sweep with
+    no finished point each stop with one message and no file written."""
     sweep_dir = Path(sweep_dir)
+    try:
+        check_level(level, key="--level")
+    except InputError as err:
+        raise SystemExit(f"error: {err}") from None
     if not sweep_dir.is_dir():
         raise SystemExit(
             f"error: no sweep directory {sweep_dir}; pass the multirun/<sweep_name> directory"
         )
     out = Path(out or sweep_dir)
-    rows = summarize(collect(sweep_dir))
-    if not rows:
+    points = collect(sweep_dir)
+    if not points:
         raise SystemExit(
             f"error: {sweep_dir} holds no grid points (no multirun.yaml, no */.hydra/overrides.yaml)"
         )
+    if not any(p.status == "done" for p in points):
+        failed = sum(p.status == "failed" for p in points)
+        raise SystemExit(
+            f"error: no point of {sweep_dir} has finished ({failed} failed, {len(points) - failed} "
+            "missing): nothing to report yet; see the points' failed.json, or run the grid again"
+        )
+    rows = summarize(points, level)
     atomic_write_text(out / "table.md", markdown(rows))
     write_csv(out / "table.csv", rows)
     plot(rows, out)
@@ -217,8 +329,11 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=None, help="where to write (default: the sweep directory)"
     )
+    parser.add_argument(
+        "--level", type=float, default=DEFAULT_LEVEL, help="interval level, in (0, 1)"
+    )
     args = parser.parse_args()
-    report(args.sweep_dir, args.out)
+    report(args.sweep_dir, args.out, args.level)
     print((Path(args.out or args.sweep_dir) / "table.md").read_text())
 
 

@@ -82,6 +82,9 @@ class WandbTracker(Tracker):
         }
         for group in ("seconds", "align_diagnostics", "finetune_diagnostics"):
             flat.update({f"{group}/{k}": v for k, v in (results.get(group) or {}).items()})
+        for key, interval in results.items():  # [low, high] intervals as two numbers
+            if key.endswith("_ci") and interval:
+                flat[f"{key}_low"], flat[f"{key}_high"] = interval
         self.run.summary.update(flat)
 
     def log_generations(self, path: Path, tag: str) -> None:

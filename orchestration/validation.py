@@ -7,6 +7,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from datamodules.formatting import TEMPLATES
+from evaluation.statistics import check_level
 from plumbing.errors import InputError
 
 STAGES = ["align", "finetune", "post", "eval"]
@@ -62,6 +63,10 @@ def config_problems(cfg: DictConfig) -> list[str]:
             problems.append(f"{key}={value!r} must be an integer >= 1")
     if isinstance(cfg.eval.n_task, int) and cfg.eval.n_task > cfg.task.n_test:
         problems.append(f"eval.n_task={cfg.eval.n_task} exceeds task.n_test={cfg.task.n_test}")
+    try:
+        check_level(cfg.eval.interval_level)
+    except InputError as err:
+        problems.append(str(err))
     post, finetune = cfg.defense.get("post"), cfg.defense.get("finetune")
     if (
         post is not None

@@ -10,6 +10,7 @@ import pytest
 
 import orchestration.stages as run_module
 from evaluation.results import read_results
+from evaluation.statistics import proportion_interval
 from helpers.configs import ROOT
 from helpers.hub import HUB
 
@@ -51,6 +52,14 @@ def test_full_run_writes_results_and_generations(tiny_cfg, tmp_path):
     assert saved["task_refusal_rate"] == pytest.approx(
         100 * sum(r["refused"] for r in task_rows) / 6
     )
+    # every rate with its 95% Wilson interval over the prompts it counts
+    assert saved["harmful_score_ci"] == proportion_interval(
+        sum(r["harmful"] for r in harmful_rows), 6
+    )
+    assert saved["finetune_accuracy_ci"] == proportion_interval(
+        sum(r["correct"] for r in task_rows), 6
+    )
+    assert saved["aligned_harmful_score_ci"] is not None and saved["interval_level"] == 0.95
     assert (tmp_path / "run" / "generations_aligned.jsonl").is_file()
     assert (tmp_path / "run" / "adapters" / "deployed.safetensors").is_file()
 

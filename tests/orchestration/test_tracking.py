@@ -107,6 +107,10 @@ def test_wandb_offline_run_holds_config_metrics_generations_and_figures(tmp_path
     assert wb["config"]["defense"]["name"] == "antibody_weighting"
     assert len(wb["history"]["align-train/loss"]) >= 2 and "finetune-train/loss" in wb["history"]
     assert wb["summary"]["harmful_score"] == results["harmful_score"]
+    assert [
+        wb["summary"]["harmful_score_ci_low"],
+        wb["summary"]["harmful_score_ci_high"],
+    ] == results["harmful_score_ci"]
     assert wb["summary"]["finetune_accuracy"] == results["finetune_accuracy"]
     tables = list(wb["files"].glob("media/table/generations/deployed_*.table.json"))
     table = json.loads(tables[0].read_text())

@@ -35,6 +35,7 @@ def test_gpu_trainer_without_gpu_is_refused_before_any_work(tiny_cfg):
             "data file not found: /nonexistent/pairs.json",
         ),
         (["model.template=vicuna"], "model.template='vicuna' must be one of"),
+        (["eval.interval_level=1.5"], r"eval.interval_level=1.5 must be a number in \(0, 1\)"),
     ],
 )
 def test_bad_input_fails_before_training_and_writes_no_cache(

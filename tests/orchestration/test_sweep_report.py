@@ -1,0 +1,124 @@
+"""The sweep report's intervals over seeds and paired tests against sft, on a sweep directory
+written here (results.json and generations files as runs write them)."""
+
+import json
+import statistics
+
+import pytest
+import yaml
+
+from evaluation.results import write_results
+from evaluation.statistics import mcnemar_exact, mean_interval
+from orchestration.sweep_report import report
+
+PROMPTS = [f"harmful prompt {i}" for i in range(10)]
+TASK = [f"review {i}" for i in range(4)]
+
+
+def write_point(sweep, defense, seed, harmful: list[bool], correct: list[bool], ratio="0.2"):
+    folder = sweep / f"{defense}_p{ratio}_s{seed}"
+    (folder / ".hydra").mkdir(parents=True)
+    overrides = [f"defense={defense}", f"harmful_ratio={ratio}", f"seed={seed}"]
+    (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    rows = [
+        {"kind": "harmful", "prompt": p, "output": "...", "harmful": h}
+        for p, h in zip(PROMPTS, harmful)
+    ]
+    rows += [
+        {"kind": "task", "prompt": p, "instruction": "Sentiment?", "correct": c}
+        for p, c in zip(TASK, correct)
+    ]
+    (folder / "generations_deployed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    hs, fa = 100 * sum(harmful) / len(harmful), 100 * sum(correct) / len(correct)
+    write_results(
+        folder / "results.json",
+        {
+            "defense": defense,
+            "defense_parts": {"align": "A", "finetune": "F", "post": None},
+            "harmful_ratio": float(ratio),
+            "seed": seed,
+            "model": "tiny",
+            "task": "sentiment",
+            "stages": ["align", "finetune", "post", "eval"],
+            "checkpoint": None,
+            "n": 20,
+            "n_harmful": 4,
+            "n_benign": 16,
+            "n_align": 16,
+            "n_retain": 4,
+            "n_defender": 100,
+            "n_user_harmful_pool": 77,
+            "seconds": {},
+            "run_dir": str(folder),
+            "point_key": "k",
+            "processes": 1,
+            "harmful_score": hs,
+            "harmful_score_plus": hs,
+            "task_refusal_rate": 0.0,
+            "n_eval_prompts": 10,
+            "judge": "refusal",
+            "finetune_accuracy": fa,
+            "n_task_eval": 4,
+        },
+    )
+    return hs, fa
+
+
+def test_intervals_over_seeds_and_mcnemar_against_sft(tmp_path):
+    sweep = tmp_path / "sweep"
+    # sft flags prompts 0-7 at seed 0 and 0-5 at seed 1; the defense flags 0-1 and 0-2
+    sft = [
+        write_point(sweep, "sft", s, [i < n for i in range(10)], [True] * 4)
+        for s, n in ((0, 8), (1, 6))
+    ]
+    defense = [
+        write_point(sweep, "panacea", s, [i < n for i in range(10)], [True, True, True, s == 0])
+        for s, n in ((0, 2), (1, 3))
+    ]
+    rows = {r["row"]: r for r in report(sweep)}
+
+    hs = [h for h, _ in defense]
+    assert rows["panacea"]["HS_mean"] == statistics.fmean(hs)
+    assert [rows["panacea"]["HS_ci_low"], rows["panacea"]["HS_ci_high"]] == mean_interval(hs)
+    # discordant pairs: sft-only 6 (seed 0) + 3 (seed 1) = 9, panacea-only 0, over 20 prompt-seed pairs
+    assert (
+        rows["panacea"]["HS_only_sft"],
+        rows["panacea"]["HS_only_defense"],
+        rows["panacea"]["HS_pairs"],
+    ) == (9, 0, 20)
+    assert rows["panacea"]["HS_p_vs_sft"] == pytest.approx(mcnemar_exact(9, 0))  # 2 / 2**9
+    assert rows["panacea"]["FA_p_vs_sft"] == pytest.approx(mcnemar_exact(1, 0)) == 1.0
+    assert rows["sft"]["HS_p_vs_sft"] is None  # the baseline itself
+    assert rows["sft"]["HS_mean"] == statistics.fmean(h for h, _ in sft)
+
+    table = (sweep / "table.md").read_text()
+    assert "p=0.0039**" in table and "(2 seeds < 3)" in table and "McNemar" in table
+    csv = (sweep / "table.csv").read_text()
+    assert "HS_ci_low" in csv and "HS_p_vs_sft" in csv
+    for name in ("hs_vs_ratio", "fa_vs_ratio", "hs_fa_tradeoff"):
+        assert (sweep / f"{name}.png").stat().st_size > 0
+
+
+def test_one_seed_has_no_interval_and_no_test_without_sft(tmp_path):
+    sweep = tmp_path / "sweep"
+    write_point(sweep, "panacea", 0, [True] * 5 + [False] * 5, [True] * 4)
+    write_point(sweep, "antibody", 0, [True] * 2 + [False] * 8, [True] * 4)
+    rows = report(sweep)
+    assert all(r["HS_ci_low"] is None and r["HS_p_vs_sft"] is None for r in rows)
+    assert "(1 seed < 3)" in (sweep / "table.md").read_text()
+
+
+def test_bad_report_input_stops_before_writing(tmp_path):
+    sweep = tmp_path / "sweep"
+    write_point(sweep, "sft", 0, [True] * 10, [True] * 4)
+    with pytest.raises(SystemExit, match=r"--level=1.5 must be a number in \(0, 1\)"):
+        report(sweep, level=1.5)
+    failed = tmp_path / "failed_only"
+    (failed / "sft_p0.2_s0" / ".hydra").mkdir(parents=True)
+    (failed / "sft_p0.2_s0" / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["seed=0"]))
+    (failed / "sft_p0.2_s0" / "failed.json").write_text(
+        json.dumps({"error": "boom", "traceback": ""})
+    )
+    with pytest.raises(SystemExit, match="no point of .* has finished \\(1 failed, 0 missing\\)"):
+        report(failed)
+    assert not (sweep / "table.md").exists() and not (failed / "table.md").exists()
