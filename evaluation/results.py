@@ -68,6 +68,9 @@ class RunInfo(BaseModel):
     run_dir: str
     point_key: str  # the resolved config's hash (orchestration/sweep.py)
     processes: int
+    environment: dict[str, str | int | None] | None = (
+        None  # hardware, library versions (plumbing/environment.py)
+    )
     judges: dict[
         str, dict[str, JudgedMetrics]
     ] = {}  # re-judging: judge -> generations tag -> metrics

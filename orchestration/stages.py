@@ -22,6 +22,7 @@ from orchestration.experiment import Experiment, plain
 from orchestration.sweep import point_key
 from orchestration.tracking import Tracker, make_tracker
 from orchestration.validation import validate_config
+from plumbing import environment
 from plumbing.distributed import is_main, world_size
 from plumbing.models import load_adapter, save_adapter
 
@@ -227,6 +228,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         results["run_dir"] = str(run_dir)
         results["point_key"] = point_key(cfg)
         results["processes"] = world_size()
+        results["environment"] = environment.describe(exp.device)
         if "eval" in cfg.stages:
             results = validate_results(results)
         if "eval" in cfg.stages and is_main():

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import orchestration.stages as run_module
 from evaluation.results import read_results
@@ -52,6 +53,9 @@ def test_full_run_writes_results_and_generations(tiny_cfg, tmp_path):
     assert saved["task_refusal_rate"] == pytest.approx(
         100 * sum(r["refused"] for r in task_rows) / 6
     )
+    # the machine and the libraries it ran on (greedy outputs are exact only per machine)
+    env = saved["environment"]
+    assert env["cpu_count"] >= 1 and env["torch"] == torch.__version__ and env["python"]
     # every rate with its 95% Wilson interval over the prompts it counts
     assert saved["harmful_score_ci"] == proportion_interval(
         sum(r["harmful"] for r in harmful_rows), 6
