@@ -3,7 +3,7 @@ paired tests against `sft` (evaluation/statistics.py).
 
     python -m orchestration.sweep_report multirun/<sweep_name> [--out DIR] [--level 0.95]
 
-Rows: the swept settings other than harmful_ratio and seed (usually `defense`); columns:
+Rows: the swept settings other than harmful_ratio and the seeds (usually `defense`); columns:
 harmful_ratio; cells: HS and FA as the mean over the seeds that finished with its t interval
 (flagged when fewer than 3 seeds), and, for every defense other than sft, the exact McNemar
 p-value of its per-prompt outcomes against sft's at the same ratio and seed on the same prompts,
@@ -32,7 +32,10 @@ from plumbing.errors import InputError
 from plumbing.figures import new_figure, save_figure, write_csv
 from plumbing.io import atomic_write_text, read_jsonl
 
-COLUMN, REPEAT = "harmful_ratio", "seed"
+COLUMN = "harmful_ratio"
+# The seeds a grid repeats over (any of them, alone or together): the cells are statistics over
+# their values, and the table says which of them varied.
+REPEATS = ("seed", "align.seed", "finetune.seed", "finetune.sample_seed")
 METRICS = {"HS": "harmful_score", "FA": "finetune_accuracy"}
 BASELINE = "sft"  # every other defense is compared with it, prompt by prompt
 # per-prompt outcome behind each metric in generations_deployed.jsonl: (row kind, field, key fields)
@@ -92,7 +95,7 @@ def collect(sweep_dir: Path) -> list[Point]:
 
 
 def row_label(point: Point, swept: list[str]) -> str:
-    keys = [k for k in swept if k not in (COLUMN, REPEAT)]
+    keys = [k for k in swept if k != COLUMN and k not in REPEATS]
     if keys == ["defense"]:
         return point.overrides["defense"]
     if keys:
@@ -157,6 +160,7 @@ def summarize(points: list[Point], level: float = DEFAULT_LEVEL) -> list[dict]:
             "failed": sum(p.status == "failed" for p in group),
             "missing": sum(p.status == "missing" for p in group),
             "interval_level": level,
+            "repeats_over": ",".join(k for k in REPEATS if k in swept),
         }
         compared = "defense" in swept and group[0].overrides.get("defense") != BASELINE
         for short, key in METRICS.items():
@@ -229,6 +233,8 @@ def markdown(rows: list[dict]) -> str:
         f"per-prompt outcomes against {BASELINE} at the same ratio and seed, pooled over the seeds "
         "both finished (* p < 0.05, ** p < 0.01; not corrected for multiple comparisons). "
         "Lower HS and higher FA are better.",
+        "",
+        f"Repeats vary: {rows[0]['repeats_over'] or 'nothing (one run per cell)'}.",
         "",
         "| defense | " + " | ".join(f"p = {x}" for x in ratios) + " |",
         "|---|" + "---|" * len(ratios),

@@ -15,10 +15,12 @@ PROMPTS = [f"harmful prompt {i}" for i in range(10)]
 TASK = [f"review {i}" for i in range(4)]
 
 
-def write_point(sweep, defense, seed, harmful: list[bool], correct: list[bool], ratio="0.2"):
+def write_point(
+    sweep, defense, seed, harmful: list[bool], correct: list[bool], ratio="0.2", seed_key="seed"
+):
     folder = sweep / f"{defense}_p{ratio}_s{seed}"
     (folder / ".hydra").mkdir(parents=True)
-    overrides = [f"defense={defense}", f"harmful_ratio={ratio}", f"seed={seed}"]
+    overrides = [f"defense={defense}", f"harmful_ratio={ratio}", f"{seed_key}={seed}"]
     (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     rows = [
         {"kind": "harmful", "prompt": p, "output": "...", "harmful": h}
@@ -122,3 +124,24 @@ def test_bad_report_input_stops_before_writing(tmp_path):
     with pytest.raises(SystemExit, match="no point of .* has finished \\(1 failed, 0 missing\\)"):
         report(failed)
     assert not (sweep / "table.md").exists() and not (failed / "table.md").exists()
+
+
+def test_the_seed_a_grid_repeats_over_is_named(tmp_path):
+    """A grid that varies only the poisoned-set draw: one row per defense, statistics over the
+    draws, and the table says what varied."""
+    sweep = tmp_path / "sweep"
+    for s in range(3):
+        write_point(
+            sweep,
+            "sft",
+            s,
+            [i < 5 + s for i in range(10)],
+            [True] * 4,
+            seed_key="finetune.sample_seed",
+        )
+    rows = report(sweep)
+    assert [(r["row"], r["seeds_done"], r["repeats_over"]) for r in rows] == [
+        ("sft", 3, "finetune.sample_seed")
+    ]
+    assert rows[0]["HS_mean"] == 60.0
+    assert "Repeats vary: finetune.sample_seed." in (sweep / "table.md").read_text()
