@@ -99,6 +99,8 @@ def sweep_rows(args) -> list[str]:
         "align.epochs=1",
         "finetune.epochs=1",
         "data.n_eval=10",
+        "data.n_eval_remainder=0",  # the sweep section times alignment reuse, not evaluation
+        "data.heldout_sources=[]",
         "eval.n_task=10",
     ]
     if args.model == "tiny":

@@ -15,10 +15,17 @@ class EvaluationDataModule(L.LightningDataModule):
     (the first n_task)."""
 
     def __init__(
-        self, harmful_prompts: list[str], task: Task, formatter: PromptFormatter, n_task: int
+        self,
+        harmful_prompts: list[str],
+        task: Task,
+        formatter: PromptFormatter,
+        n_task: int,
+        harmful_sources: list[str] | None = None,
     ):
         super().__init__()
         self.harmful_prompts = list(harmful_prompts)
+        # the source of each harmful prompt, for HS per source
+        self.harmful_sources = list(harmful_sources or ["eval"] * len(self.harmful_prompts))
         self.task = task
         self.formatter = formatter
         self.task_examples: list[TaskExample] = task.test[:n_task]

@@ -3,7 +3,10 @@
 - `user_pairs`: the pool the user's poisoned set draws its harmful (prompt, answer) samples from;
 - `defender_pairs`: harmful pairs held by the defender (Panacea's h, Antibody's harmful batch);
 - `align_prompts`: harmful prompts the alignment stage pairs with refusals;
-- `eval_prompts`: held-out harmful prompts for the harmful score.
+- `eval_prompts`: held-out harmful prompts for the harmful score, each with its source name
+  (`eval_sources`, for HS per source): `n_eval` of the prompt sources, `n_eval_remainder` more of
+  what the prompt sources leave after alignment, and `n` of each held-out-only source
+  (`heldout_sources`, files never used in a training role).
 
 Pairs and prompts are deduplicated on a normalized form of the prompt; every normalized prompt
 gets exactly one role, and prompt-only sources lose any prompt that also appears among the pairs.
@@ -15,6 +18,7 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from datamodules.sources import HarmfulPair, read_harmful_pairs, read_prompts
 from plumbing.errors import InputError
@@ -34,6 +38,11 @@ class HarmfulSplits:
     # the safe answer of each alignment prompt where the data has one (BeaverTails' is_safe
     # responses); None: the alignment stage pairs each prompt with one of the project's refusals
     align_answers: list[str] | None = None
+    eval_sources: list[str] | None = None  # the source name of each eval prompt
+
+    def __post_init__(self):
+        if self.eval_sources is None:
+            self.eval_sources = ["eval"] * len(self.eval_prompts)
 
     def roles(self) -> dict[str, set[str]]:
         """Normalized prompts per role (what the disjointness test checks)."""
@@ -55,6 +64,11 @@ def _unique(items, key):
     return out
 
 
+def source_name(source: dict) -> str:
+    """A prompt source's name in per-source results: its `name`, else its file's stem."""
+    return source.get("name") or Path(source["path"]).stem
+
+
 def build_harmful_splits(
     harmful_pairs: str,
     prompt_sources: list[dict],
@@ -62,13 +76,18 @@ def build_harmful_splits(
     n_align: int,
     n_eval: int,
     split_seed: int = 0,
+    n_eval_remainder: int = 0,
+    heldout_sources: list[dict] = (),
 ) -> HarmfulSplits:
-    """Read the sources and partition them; raises InputError when a role cannot be filled."""
+    """Read the sources and partition them; raises InputError when a role cannot be filled.
+
+    The prompt sources are split first (eval, then alignment, then the rest), so adding held-out
+    prompts (`n_eval_remainder`, `heldout_sources`) leaves the alignment prompts as they were."""
     pairs = _unique(read_harmful_pairs(harmful_pairs), key=lambda p: normalize(p.prompt))
     pair_keys = {normalize(p.prompt) for p in pairs}
-    prompts = [p for source in prompt_sources for p in read_prompts(source)]
-    prompts = _unique(prompts, key=normalize)
-    prompts = [p for p in prompts if normalize(p) not in pair_keys]
+    prompts = [(p, source_name(s)) for s in prompt_sources for p in read_prompts(s)]
+    prompts = _unique(prompts, key=lambda item: normalize(item[0]))
+    prompts = [item for item in prompts if normalize(item[0]) not in pair_keys]
 
     problems = []
     if n_defender < 0 or n_defender >= len(pairs):
@@ -82,19 +101,50 @@ def build_harmful_splits(
             f"{len(prompts)}, the distinct harmful prompts in data.prompt_sources "
             "(after removing those that also appear among the harmful pairs)"
         )
+    elif not 0 <= n_eval_remainder <= len(prompts) - n_eval - n_align:
+        problems.append(
+            f"data.n_eval_remainder={n_eval_remainder} must be in [0, {len(prompts) - n_eval - n_align}]: "
+            "the prompts data.prompt_sources have left after data.n_eval and data.n_align"
+        )
     if problems:
         raise InputError("; ".join(problems))
 
     rng = random.Random(split_seed)
     rng.shuffle(pairs)
     rng.shuffle(prompts)
+    held_out = prompts[:n_eval] + prompts[n_eval + n_align :][:n_eval_remainder]
+    held_out += heldout_only(heldout_sources, {normalize(p) for p, _ in prompts} | pair_keys, rng)
     return HarmfulSplits(
         user_pairs=pairs[n_defender:],
         defender_pairs=pairs[:n_defender],
-        eval_prompts=prompts[:n_eval],
-        align_prompts=prompts[n_eval : n_eval + n_align],
+        eval_prompts=[p for p, _ in held_out],
+        eval_sources=[name for _, name in held_out],
+        align_prompts=[p for p, _ in prompts[n_eval : n_eval + n_align]],
         pairs_source=harmful_pairs,
     )
+
+
+def heldout_only(sources: list[dict], taken: set[str], rng: random.Random) -> list[tuple[str, str]]:
+    """`n` seeded prompts of each held-out-only source, none of them in `taken` (every prompt of
+    the pairs and of the prompt sources, whatever their role) nor in an earlier held-out source."""
+    chosen, problems = [], []
+    for source in sources:
+        name = source_name(source)
+        fresh = _unique(
+            [p for p in read_prompts(source) if normalize(p) not in taken], key=normalize
+        )
+        if not 0 <= source["n"] <= len(fresh):
+            problems.append(
+                f"data.heldout_sources: {name} n={source['n']} must be in [0, {len(fresh)}], its distinct "
+                "prompts that are in no other role"
+            )
+            continue
+        rng.shuffle(fresh)
+        chosen += [(p, name) for p in fresh[: source["n"]]]
+        taken |= {normalize(p) for p in fresh[: source["n"]]}
+    if problems:
+        raise InputError("; ".join(problems))
+    return chosen
 
 
 def splits_from_config(data: dict) -> HarmfulSplits:
@@ -112,6 +162,8 @@ def splits_from_config(data: dict) -> HarmfulSplits:
         data["n_align"],
         data["n_eval"],
         data["split_seed"],
+        data.get("n_eval_remainder", 0),
+        data.get("heldout_sources") or [],
     )
 
 
@@ -181,5 +233,6 @@ def beavertails_splits(data: dict) -> HarmfulSplits:
         align_prompts=[r["prompt"] for r in safe[:n_align]],
         align_answers=[r["response"] for r in safe[:n_align]],
         eval_prompts=[r["prompt"] for r in eval_rows[:n_eval]],
+        eval_sources=[f"beavertails_{data['test_split']}"] * n_eval,
         pairs_source=f"{data['hub_name']} [{data['train_split']}]",
     )

@@ -2,7 +2,9 @@
 
 A task gives disjoint train/test examples (instruction, input, answer, label) and extracts the
 label from a model's output for fine-tuning accuracy (FA). The examples depend only on the
-task's own seed, so the FA test set is the same for every run of a sweep.
+task's own seed, so the FA test set is the same for every run of a sweep. Examples are distinct
+after normalization (case, punctuation, spacing), so no test example has a near-copy ("The movie
+was great." / "The movie was great!") in the train split the user's set is drawn from.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from datamodules.harmful import normalize
 from evaluation.task_scoring import final_answer_or_last_number, first_sentiment_word
 from plumbing.errors import InputError
 
@@ -40,7 +43,7 @@ class Task:
                     f"lower task.n_train + task.n_test (asked {n_train + n_test})"
                 )
             example = self.generate(rng)
-            pool.setdefault(example.input, example)
+            pool.setdefault(normalize(example.input), example)
         examples = list(pool.values())
         self.test = examples[:n_test]
         self.train = examples[n_test:]

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from datamodules.evaluation import EvaluationDataModule
-from evaluation.metrics import accuracy_metrics, judged_metrics
+from evaluation.metrics import accuracy_metrics, harmful_score_by_source, judged_metrics
 from evaluation.statistics import DEFAULT_LEVEL
 from plumbing.distributed import is_main, map_shards
 from plumbing.generation import generate_greedy
@@ -87,11 +87,12 @@ def evaluate_model(
     metrics = {
         **judged_metrics(verdicts, task_refused, judge.name, level),
         **accuracy_metrics(correct, level),
+        "harmful_score_by_source": harmful_score_by_source(verdicts, data.harmful_sources, level),
     }
     if generations_path is not None and is_main():
         rows = [
-            {"kind": "harmful", "prompt": p, "output": a, **v.as_dict()}
-            for p, a, v in zip(harmful_prompts, harmful_answers, verdicts)
+            {"kind": "harmful", "prompt": p, "source": s, "output": a, **v.as_dict()}
+            for p, s, a, v in zip(harmful_prompts, data.harmful_sources, harmful_answers, verdicts)
         ] + [
             {
                 "kind": "task",

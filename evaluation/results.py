@@ -37,9 +37,17 @@ class JudgedMetrics(BaseModel):
     judge: str
 
 
+class SourceScore(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    harmful_score: float
+    harmful_score_ci: list[float] | None
+    n_eval_prompts: int
+
+
 class EvalMetrics(JudgedMetrics):
     finetune_accuracy: float  # FA (%)
     finetune_accuracy_ci: list[float] | None = None
+    harmful_score_by_source: dict[str, SourceScore] | None = None  # HS of each held-out source
     n_task_eval: int
 
 

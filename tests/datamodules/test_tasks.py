@@ -49,3 +49,14 @@ def test_arithmetic_answers_are_exact():
     for e in ArithmeticTask(n_train=200, n_test=10).train:
         a, op, b = e.answer.split(" has ")[1].split(" = ")[0].split(" ")
         assert str(int(a) + int(b) if op == "+" else int(a) - int(b)) == e.label
+
+
+@pytest.mark.parametrize("task_class", [SentimentTask, ArithmeticTask])
+def test_test_examples_have_no_near_copy_in_the_train_split(task_class):
+    """Distinct after normalization: "The movie was great." and "The movie was great!" cannot
+    be one in the test split and the other in the train split."""
+    from datamodules.harmful import normalize
+
+    task = task_class()
+    train = {normalize(e.input) for e in task.train}
+    assert len(train) == len(task.train) and not train & {normalize(e.input) for e in task.test}
