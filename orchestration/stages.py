@@ -231,8 +231,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         results["environment"] = environment.describe(exp.device)
         if "eval" in cfg.stages:
             results = validate_results(results)
-        if "eval" in cfg.stages and is_main():
-            write_results(run_dir / RESULTS, results)
+            if is_main():
+                write_results(run_dir / RESULTS, results)
         track_outputs(exp.tracker, results, run_dir)
     except BaseException:
         exp.tracker.close(failed=True)

@@ -19,6 +19,7 @@ import argparse
 import json
 import statistics
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import yaml
@@ -43,6 +44,7 @@ OUTCOMES = {
     "HS": ("harmful", "harmful", ("prompt",)),
     "FA": ("task", "correct", ("instruction", "prompt")),
 }
+PAIRED_COLUMNS = ("p_vs_sft", "pairs", "only_sft", "only_defense")  # of the paired test, per metric
 FEW_SEEDS = 3  # below this, an interval over seeds is too wide to say much: the table says so
 
 
@@ -53,6 +55,11 @@ class Point:
     results: dict = field(default_factory=dict)
     error: str = ""
     folder: Path | None = None
+
+    @cached_property
+    def deployed_rows(self) -> list[dict]:
+        """The deployed model's generations with their verdicts, read once per point."""
+        return read_jsonl(self.folder / "generations_deployed.jsonl")
 
 
 def split(override: str) -> tuple[str, str]:
@@ -106,8 +113,11 @@ def row_label(point: Point, swept: list[str]) -> str:
 def outcomes(point: Point, short: str) -> dict[tuple, bool]:
     """The deployed model's per-prompt outcome behind metric `short` (harmful / correct)."""
     kind, value, keys = OUTCOMES[short]
-    rows = read_jsonl(point.folder / "generations_deployed.jsonl")
-    return {tuple(r.get(k) for k in keys): bool(r[value]) for r in rows if r["kind"] == kind}
+    return {
+        tuple(r.get(k) for k in keys): bool(r[value])
+        for r in point.deployed_rows
+        if r["kind"] == kind
+    }
 
 
 def paired_test(points: list[Point], done: dict[frozenset, Point], short: str) -> dict | None:
@@ -127,7 +137,7 @@ def paired_test(points: list[Point], done: dict[frozenset, Point], short: str) -
     if pairs == 0:
         return None
     return {
-        "p": mcnemar_exact(only_baseline, only_defense),
+        "p_vs_sft": mcnemar_exact(only_baseline, only_defense),
         "pairs": pairs,
         "only_sft": only_baseline,
         "only_defense": only_defense,
@@ -169,11 +179,8 @@ def summarize(points: list[Point], level: float = DEFAULT_LEVEL) -> list[dict]:
             row[f"{short}_std"] = statistics.stdev(values) if len(values) > 1 else None
             interval = mean_interval(values, level)
             row[f"{short}_ci_low"], row[f"{short}_ci_high"] = interval or (None, None)
-            test = paired_test(finished, done, short) if compared else None
-            for name in ("p", "pairs", "only_sft", "only_defense"):
-                row[f"{short}_{name}_vs_sft" if name == "p" else f"{short}_{name}"] = (
-                    test[name] if test else None
-                )
+            test = (paired_test(finished, done, short) if compared else None) or {}
+            row.update({f"{short}_{column}": test.get(column) for column in PAIRED_COLUMNS})
         row["errors"] = "; ".join(sorted({p.error for p in group if p.error}))
         rows.append(row)
     return sorted(rows, key=lambda r: (r["row"], _as_float(r[COLUMN])))

@@ -2,12 +2,10 @@
 (evaluation/rejudge.py)."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
-from helpers.configs import ROOT, TINY
+from helpers.configs import run_tiny
 
 
 # --- re-judging saved generations, agreement --------------------------------------------------------
@@ -17,20 +15,7 @@ def test_rejudge_saved_generations_and_agreement(tmp_path):
     from plumbing.io import read_jsonl
 
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "run.py",
-            *TINY,
-            f"cache_dir={tmp_path / 'cache'}",
-            "defense=sft",
-            f"hydra.run.dir={run_dir}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_tiny(tmp_path, "defense=sft", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     before = json.loads((run_dir / "results.json").read_text())
     rejudge.main([str(run_dir), "judge=keyword"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -47,3 +49,15 @@ def compose_tracked(tmp_path: Path, *overrides: str):
             overrides=[o for o in TINY if o != "~logger"]
             + [f"cache_dir={tmp_path / 'cache'}", *overrides],
         )
+
+
+def run_tiny(tmp_path: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python run.py *args` on the tiny config as a user would type it (a separate process),
+    with the stage cache under tmp_path; output captured."""
+    return subprocess.run(
+        [sys.executable, "run.py", *args, *TINY, f"cache_dir={tmp_path / 'cache'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

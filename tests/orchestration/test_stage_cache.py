@@ -3,13 +3,11 @@ not determine alignment, never left half-written, shared by the points of a mult
 
 import json
 import logging
-import subprocess
-import sys
 
 import pytest
 
 import orchestration.stages as run_module
-from helpers.configs import ROOT, TINY
+from helpers.configs import run_tiny
 
 pytestmark = pytest.mark.e2e
 
@@ -56,21 +54,7 @@ def test_killed_cache_write_leaves_no_entry(tiny_cfg, tmp_path, monkeypatch):
 
 def test_multirun_sweep_aligns_once(tmp_path):
     """`-m` over harmful_ratio with the basic launcher: one alignment, one results.json per point."""
-    done = subprocess.run(
-        [
-            sys.executable,
-            "run.py",
-            "-m",
-            *TINY,
-            "harmful_ratio=0,0.5",
-            f"cache_dir={tmp_path}/cache",
-            f"hydra.sweep.dir={tmp_path}/sweep",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_tiny(tmp_path, "-m", "harmful_ratio=0,0.5", f"hydra.sweep.dir={tmp_path}/sweep")
     assert done.returncode == 0, done.stderr[-2000:]
     results = sorted(
         json.loads(p.read_text())["harmful_ratio"]

@@ -2,32 +2,16 @@
 
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from helpers.configs import CONF, ROOT, TINY
+from helpers.configs import CONF, run_tiny
 from orchestration.sweep_report import report
 
 
 def multirun(tmp_path, *overrides):
-    return subprocess.run(
-        [
-            sys.executable,
-            "run.py",
-            "-m",
-            *TINY,
-            *overrides,
-            f"cache_dir={tmp_path}/cache",
-            f"hydra.sweep.dir={tmp_path}/sweep",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_tiny(tmp_path, "-m", *overrides, f"hydra.sweep.dir={tmp_path}/sweep", timeout=600)
 
 
 @pytest.mark.e2e

@@ -288,26 +288,12 @@ def test_run_with_two_cpu_processes(trainer, defense, tmp_path):
     """`python run.py trainer=ddp_cpu|fsdp_cpu` starts its second process itself; every stage runs,
     each evaluation prompt appears once in the generations, and only rank 0 writes results."""
     import json
-    import subprocess
-    import sys
 
-    from helpers.configs import ROOT, TINY
+    from helpers.configs import run_tiny
 
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "run.py",
-            *TINY,
-            f"cache_dir={tmp_path / 'cache'}",
-            f"defense={defense}",
-            f"trainer={trainer}",
-            f"hydra.run.dir={run_dir}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_tiny(
+        tmp_path, f"defense={defense}", f"trainer={trainer}", f"hydra.run.dir={run_dir}"
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
