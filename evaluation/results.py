@@ -68,6 +68,10 @@ class RunInfo(BaseModel):
     n_retain: int
     n_defender: int
     n_user_harmful_pool: int
+    # each training stage's resolved config (the defense part's hyperparameters, optimizer,
+    # max_grad_norm, batch size, epochs, seeds) and the post transform's: every value the run used
+    stage_config: dict | None = None
+    finetune_adapter: str | None = None  # continue | new (conf/config.yaml finetune.adapter)
     aligned_adapter: str | None = None
     aligned_reused: bool | None = None
     align_diagnostics: dict | None = None  # callbacks/diagnostics.py summaries

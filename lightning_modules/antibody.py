@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from datamodules.cycling import to_device
 from lightning_modules.causal_lm import CausalLMModule, DefenderBatchesModule, answer_token_nll
-from lightning_modules.gradients import cosine, global_dot, global_norm
+from lightning_modules.gradients import cosine, global_dot, global_norm, moved
 from plumbing.errors import InputError
 from plumbing.models import trainable
 
@@ -66,8 +66,9 @@ class AntibodyAlignModule(DefenderBatchesModule):
         lambda2: float = 0.05,
         lambda_rule: str = "cosine",
         harmful_batch_size: int = 16,
+        max_grad_norm: float | None = None,
     ):
-        super().__init__(model, optimizer, scheduler, harmful_batch_size)
+        super().__init__(model, optimizer, scheduler, harmful_batch_size, max_grad_norm)
         if lambda_rule not in LAMBDA_RULES:
             raise InputError(f"antibody lambda_rule={lambda_rule!r} is not one of {LAMBDA_RULES}")
         if not 0.0 <= ema_momentum < 1.0:
@@ -92,16 +93,12 @@ class AntibodyAlignModule(DefenderBatchesModule):
         Hh = self.gradients(h_loss, params)
         with torch.no_grad():
             h_norm = global_norm(Hh)
-            backup = [p.detach().clone() for p in params]
-            for p, h in zip(params, Hh):
-                p.sub_(self.alpha * h / (h_norm + 1e-7))
-        hp_loss = self.batch_loss(harmful)
-        Hp = self.gradients(hp_loss, params)
-        r_loss = self.batch_loss(harmful["refusal"])
-        R = self.gradients(r_loss, params)
-        with torch.no_grad():
-            for p, w in zip(params, backup):
-                p.copy_(w)
+            attack = [-self.alpha * h / (h_norm + 1e-7) for h in Hh]
+        with moved(params, attack):  # θ'
+            hp_loss = self.batch_loss(harmful)
+            Hp = self.gradients(hp_loss, params)
+            r_loss = self.batch_loss(harmful["refusal"])
+            R = self.gradients(r_loss, params)
         a_loss = self.batch_loss(batch)
         A = self.gradients(a_loss, params)
 
@@ -188,8 +185,9 @@ class WeightedSFTModule(CausalLMModule):
         tau: float = 1.0,
         softmax_over: str = "global",
         score_batch_size: int = 16,
+        max_grad_norm: float | None = None,
     ):
-        super().__init__(model, optimizer, scheduler)
+        super().__init__(model, optimizer, scheduler, max_grad_norm)
         if tau <= 0:
             raise InputError(f"antibody tau={tau} must be > 0")
         if softmax_over not in SOFTMAX_SCOPES:

@@ -16,6 +16,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from datamodules.cycling import CyclingBatches
 from datamodules.formatting import IGNORE_INDEX
+from lightning_modules.gradients import clip_to_global_norm_
 from plumbing.errors import InputError
 from plumbing.models import trainable
 
@@ -51,15 +52,25 @@ class CausalLMModule(L.LightningModule):
 
     optimizer: a partial taking the parameter list (Hydra `_partial_: true`).
     scheduler: an optional partial taking the optimizer (stepped every optimizer step).
+    max_grad_norm: the gradient each optimizer step applies, the final one a defense composes, is
+    clipped to this global L2 norm (the HF Trainer default 1.0 that every reference run used);
+    None: no clipping.
     """
 
     def __init__(
-        self, model: torch.nn.Module, optimizer: Callable, scheduler: Callable | None = None
+        self,
+        model: torch.nn.Module,
+        optimizer: Callable,
+        scheduler: Callable | None = None,
+        max_grad_norm: float | None = None,
     ):
         super().__init__()
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise InputError(f"max_grad_norm={max_grad_norm} must be > 0 (or null: no clipping)")
         self.model = model
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        self.max_grad_norm = max_grad_norm
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(trainable(self.model).values())
@@ -130,6 +141,17 @@ class CausalLMModule(L.LightningModule):
         if sched is not None:
             sched.step()
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Clip the gradient the optimizer is about to apply (Lightning calls this right before every
+        optimizer step, automatic or manual: after a defense has composed its gradient and after
+        DDP's all-reduce). The norm is global over all trainable tensors and, under FSDP2, over
+        all shards, so every process scales by the same factor."""
+        if self.max_grad_norm is None:
+            return
+        grads = [p.grad for p in self.trainable_parameters() if p.grad is not None]
+        norm = clip_to_global_norm_(grads, self.max_grad_norm)
+        self.log("train/grad_norm_before_clip", norm)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.batch_loss(batch)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
@@ -162,8 +184,9 @@ class DefenderBatchesModule(CausalLMModule):
         optimizer: Callable,
         scheduler: Callable | None = None,
         harmful_batch_size: int = 16,
+        max_grad_norm: float | None = None,
     ):
-        super().__init__(model, optimizer, scheduler)
+        super().__init__(model, optimizer, scheduler, max_grad_norm)
         self.automatic_optimization = False
         self.harmful_batch_size = harmful_batch_size
         self.harmful: CyclingBatches | None = None

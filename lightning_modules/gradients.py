@@ -1,5 +1,5 @@
 """Gradient arithmetic over ALL trainable tensors at once, for defenses that take several
-backward passes per step (Panacea, Antibody).
+backward passes per step (Panacea, Antibody, Booster, Vaccine) and for gradient clipping.
 
 Every quantity here is one number over the whole parameter vector (docs/methods.md: one global L2
 norm, not per layer), identical on every process:
@@ -9,6 +9,9 @@ norm, not per layer), identical on every process:
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -50,3 +53,31 @@ def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
 def cosine(a: list[torch.Tensor], b: list[torch.Tensor], eps: float = 1e-8) -> torch.Tensor:
     """cos(a, b) = ⟨a, b⟩ / (‖a‖·‖b‖ + eps), the reference's form of the cosine."""
     return global_dot(a, b) / (global_norm(a) * global_norm(b) + eps)
+
+
+def clip_to_global_norm_(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale `grads` in place so that their global norm is at most `max_norm`, as
+    torch.nn.utils.clip_grad_norm_ (the HF Trainer's clip) does: factor min(1, max/(norm + 1e-6)).
+    Returns the norm before clipping."""
+    norm = global_norm(grads)
+    factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(factor.to(g.dtype))
+    return norm
+
+
+@contextmanager
+def moved(params: list[torch.nn.Parameter], steps: list[torch.Tensor]) -> Iterator[None]:
+    """Inside the block every parameter is moved in place by its step (w ← w + step); on exit it
+    is restored bit-exactly from a copy (subtracting the step again would round differently).
+    A model copy would do the same with all the frozen weights twice in memory."""
+    backup = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, step in zip(params, steps, strict=True):
+            p.add_(step)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, w in zip(params, backup):
+                p.copy_(w)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from lightning_modules.causal_lm import DefenderBatchesModule
-from lightning_modules.gradients import full, global_norm
+from lightning_modules.gradients import full, global_norm, moved
 from plumbing.models import trainable
 
 
@@ -40,8 +40,9 @@ class PanaceaModule(DefenderBatchesModule):
         lam: float = 1e-3,
         harmful_batch_size: int = 10,
         harmful_loss_clamp: float | None = 5.0,
+        max_grad_norm: float | None = None,
     ):
-        super().__init__(model, optimizer, scheduler, harmful_batch_size)
+        super().__init__(model, optimizer, scheduler, harmful_batch_size, max_grad_norm)
         self.rho = rho
         self.lam = lam
         self.harmful_loss_clamp = harmful_loss_clamp
@@ -62,19 +63,14 @@ class PanaceaModule(DefenderBatchesModule):
             h_norm = global_norm(H)
             scale = self.rho / (h_norm + 1e-7)
             eps = [h * scale for h in H]
-            backup = [p.detach().clone() for p in params]
-            for p, e in zip(params, eps):
-                p.add_(e)
-        h_eps_loss = self.batch_loss(harmful)
-        clamped = (
-            h_eps_loss
-            if self.harmful_loss_clamp is None
-            else torch.clamp(h_eps_loss, max=self.harmful_loss_clamp)
-        )
-        H_eps = self.gradients(clamped, params)
-        with torch.no_grad():
-            for p, w in zip(params, backup):
-                p.copy_(w)
+        with moved(params, eps):
+            h_eps_loss = self.batch_loss(harmful)
+            clamped = (
+                h_eps_loss
+                if self.harmful_loss_clamp is None
+                else torch.clamp(h_eps_loss, max=self.harmful_loss_clamp)
+            )
+            H_eps = self.gradients(clamped, params)
         self.optimizer_step_with([g - self.lam * (he - h) for g, h, he in zip(G, H, H_eps)], params)
 
         self.epsilon = {n: e.detach().clone() for n, e in zip(names, eps)}

@@ -14,6 +14,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from torch.distributed.fsdp import FSDPModule
 
 from datamodules.evaluation import EvaluationDataModule
@@ -28,6 +29,7 @@ from lightning_modules.gradients import full
 from orchestration.stage_cache import StageCache, config_key
 from orchestration.tracking import Tracker
 from plumbing.distributed import broadcast, is_main, lightning_strategy, map_shards
+from plumbing.errors import InputError
 from plumbing.generation import generate_greedy
 from plumbing.models import add_lora, trainable
 
@@ -58,26 +60,53 @@ class Experiment:
         self.n_harmful, self.n_benign = check_poison_counts(
             self.task, self.splits, poisoned.n, poisoned.harmful_ratio
         )
+        self.check_defender_pool()
         self.model = self.tokenizer = self.formatter = None
+        self.merged_adapters: list[tuple[dict, int]] = []  # (adapter state, seed of the next one)
         self.finetune_module = None  # set by the finetune stage; a post transform may read it
         self.tracker = Tracker()  # run() sets the configured one once the input is checked
 
+    def check_defender_pool(self) -> None:
+        """A defense part that draws defender-held harmful batches needs a pool at least that large."""
+        pool = len(self.splits.defender_pairs)
+        for stage in ("align", "finetune"):
+            part = self.cfg.defense.get(stage)
+            size = None if part is None else part.get("harmful_batch_size")
+            if stage in self.cfg.stages and size is not None and size > pool:
+                raise InputError(
+                    f"defense.{stage}.harmful_batch_size={size} exceeds the defender's pool of "
+                    f"{pool} harmful pairs: lower it or raise data.n_defender"
+                )
+
     def load_model(self) -> None:
+        """The base model with the alignment's LoRA adapter; adapters merged by `new_adapter`
+        before are merged again (FSDP's unshard rebuilds the model this way)."""
         cfg = self.cfg
         with self.timed("load_model"):
             base, self.tokenizer = instantiate(cfg.model.loader)
-            lora = cfg.model.lora
-            self.model = add_lora(
-                base,
-                lora.r,
-                lora.alpha,
-                lora.dropout,
-                list(lora.target_modules),
-                seed=cfg.align.seed,
-            ).to(self.device)
+            self.model = self.with_lora(base, seed=cfg.align.seed)
+            for state, seed in self.merged_adapters:
+                set_peft_model_state_dict(self.model, state)
+                self.model = self.with_lora(self.model.merge_and_unload(), seed)
             self.formatter = PromptFormatter(
                 self.tokenizer, cfg.model.template, cfg.model.max_length
             )
+
+    def with_lora(self, base, seed: int):
+        lora = self.cfg.model.lora
+        return add_lora(
+            base, lora.r, lora.alpha, lora.dropout, list(lora.target_modules), seed=seed
+        ).to(self.device)
+
+    def new_adapter(self, seed: int) -> None:
+        """finetune.adapter=new: merge the current adapter into the base weights (the references'
+        merge_and_unload) and wrap the result with a fresh LoRA adapter drawn from `seed`; what
+        is trained and saved from now on is that adapter."""
+        state = {
+            k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.model).items()
+        }
+        self.merged_adapters.append((state, seed))
+        self.model = self.with_lora(self.model.merge_and_unload(), seed)
 
     # --- cache keys -------------------------------------------------------------------------
     def align_key(self) -> str:
@@ -207,7 +236,10 @@ class Experiment:
         optimizer = instantiate(stage_cfg.optimizer)
         scheduler = instantiate(stage_cfg.scheduler) if stage_cfg.scheduler else None
         return instantiate(stage_cfg.module)(
-            model=self.model, optimizer=optimizer, scheduler=scheduler
+            model=self.model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            max_grad_norm=stage_cfg.max_grad_norm,
         )
 
     def fit(self, stage: str, module, datamodule, stage_cfg: DictConfig, callbacks: list) -> None:

@@ -126,7 +126,11 @@ def evaluate_aligned(exp: Experiment) -> dict:
 
 
 def stage_finetune(exp: Experiment, results: dict) -> None:
-    """Aligned adapter + the user's poisoned set -> fine-tuned adapter (the same adapter, trained on)."""
+    """Aligned adapter + the user's poisoned set -> fine-tuned adapter: the same adapter trained on
+    (finetune.adapter=continue), or a fresh one over the base with the aligned adapter merged (new)."""
+    results["finetune_adapter"] = exp.cfg.finetune.adapter
+    if exp.cfg.finetune.adapter == "new":
+        exp.new_adapter(seed=exp.cfg.finetune.seed)
     exp.finetune_module = exp.module(exp.cfg.finetune)
     exp.fit(
         "finetune",
@@ -206,6 +210,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     results = {
         "defense": cfg.defense.name,
         "defense_parts": defense_parts(cfg),
+        "stage_config": {
+            stage: None if cfg[stage] is None else plain(cfg[stage])
+            for stage in ("align", "finetune", "post")
+        },
         "harmful_ratio": cfg.harmful_ratio,
         "seed": cfg.seed,
         "model": cfg.model.name,

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
 
 from datamodules.formatting import TEMPLATES
 from evaluation.statistics import check_level
 from plumbing.errors import InputError
 
 STAGES = ["align", "finetune", "post", "eval"]
+ADAPTER_PROTOCOLS = ("continue", "new")
 
 
 class ConfigError(InputError):
@@ -77,6 +79,25 @@ def config_problems(cfg: DictConfig) -> list[str]:
             "defense/post=panacea_epsilon adds the ε that Panacea's fine-tuning learns: use it with "
             "defense/finetune=panacea"
         )
+    adapter = cfg.finetune.adapter
+    if adapter not in ADAPTER_PROTOCOLS:
+        problems.append(
+            f"finetune.adapter={adapter!r} must be one of {list(ADAPTER_PROTOCOLS)} "
+            "(continue: train the alignment adapter on; new: merge it and train a fresh one)"
+        )
+    elif adapter == "new" and stages and stages[0] not in ("align", "finetune"):
+        problems.append(
+            "finetune.adapter=new: a fine-tuned adapter file then holds only the fresh LoRA over the "
+            "base with the aligned adapter merged, so it cannot be loaded on its own for "
+            f"stages={stages}; evaluate it in the run that fine-tunes it, or set finetune.adapter=continue"
+        )
+    for stage in ("align", "finetune"):
+        norm = cfg[stage].max_grad_norm
+        if norm is not None and (not _is_number(norm) or norm <= 0):
+            problems.append(
+                f"{stage}.max_grad_norm={norm!r} must be a number > 0, or null (no clipping)"
+            )
+    problems += hyperparameter_problems(cfg)
     if cfg.model.template not in TEMPLATES:
         problems.append(f"model.template={cfg.model.template!r} must be one of {list(TEMPLATES)}")
     if cfg.trainer.get("accelerator") in ("gpu", "cuda"):
@@ -91,6 +112,21 @@ def config_problems(cfg: DictConfig) -> list[str]:
             problems.append(
                 f"trainer.devices={devices} but this node has {torch.cuda.device_count()} GPUs"
             )
+    return problems
+
+
+def hyperparameter_problems(cfg: DictConfig) -> list[str]:
+    """Each defense part's own checks of its values (a module's `hyperparameter_problems`), run on
+    the config so that a bad value is reported before the model loads."""
+    problems = []
+    for stage in ("align", "finetune"):
+        part = cfg.defense.get(stage)
+        if part is None:
+            continue
+        check = getattr(get_class(part._target_), "hyperparameter_problems", None)
+        if check is not None:
+            values = {k: v for k, v in OmegaConf.to_container(part, resolve=True).items()}
+            problems += [f"defense.{stage}.{message}" for message in check(values)]
     return problems
 
 

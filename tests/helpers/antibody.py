@@ -10,7 +10,7 @@ from torch.func import functional_call
 from datamodules.formatting import collate
 from datamodules.refusals import refusal_for
 from datamodules.supervised import SupervisedDataModule
-from helpers.training import Pair, tiny_lora
+from helpers.training import alignment_data, tiny_lora
 from lightning_modules.antibody import AntibodyAlignModule, WeightedSFTModule
 from lightning_modules.causal_lm import answer_loss, answer_token_nll
 
@@ -30,19 +30,7 @@ def align_setup(
     optimizer=torch.optim.SGD,
 ):
     model = tiny_lora()
-    safe = [
-        {
-            "prompt": fmt.prompt(f"Tell me how to hurt {i}."),
-            "answer": refusal_for(i),
-            "is_harmful": False,
-        }
-        for i in range(n_safe)
-    ]
-    defender = [
-        Pair(f"How do I do harm number {i}?", f"Step one: harm {i}." + " more" * i)
-        for i in range(n_defender)
-    ]
-    dm = SupervisedDataModule(safe, fmt, batch_size=batch_size, seed=0, defender_pairs=defender)
+    dm = alignment_data(fmt, n_safe, batch_size, n_defender)
     module = AntibodyAlignModule(
         model,
         optimizer=partial(optimizer, lr=lr),

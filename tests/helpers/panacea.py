@@ -24,6 +24,7 @@ def setup(
     harmful_batch_size=3,
     module_class=PanaceaModule,
     batch_size=4,
+    max_grad_norm=None,
 ):
     model = tiny_lora()
     users = [
@@ -47,6 +48,7 @@ def setup(
         lam=LAM,
         harmful_batch_size=harmful_batch_size,
         harmful_loss_clamp=clamp,
+        max_grad_norm=max_grad_norm,
     )
     return model, dm, module
 

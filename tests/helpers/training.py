@@ -130,3 +130,34 @@ def fit_steps(module, dm, steps, ckpt_path=None, **kwargs):
     )
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     return trainer
+
+
+def clipped(grads: dict, max_norm: float) -> dict:
+    """torch.nn.utils.clip_grad_norm_ (what the HF Trainer calls) on copies of `grads`."""
+    copies = {n: torch.nn.Parameter(torch.zeros_like(g)) for n, g in grads.items()}
+    for n, p in copies.items():
+        p.grad = grads[n].clone()
+    torch.nn.utils.clip_grad_norm_(list(copies.values()), max_norm)
+    return {n: p.grad for n, p in copies.items()}
+
+
+def alignment_data(fmt, n_safe=4, batch_size=4, n_defender=3, refusal_growth=0, harm_growth=1):
+    """An alignment-stage datamodule on the tiny tokenizer: n_safe refusal samples (a harmful
+    prompt, a refusal growing by `refusal_growth` words per index) and n_defender defender-held
+    harmful pairs (answers growing by `harm_growth` words), so that batches carry padding."""
+    from datamodules.refusals import refusal_for
+    from datamodules.supervised import SupervisedDataModule
+
+    safe = [
+        {
+            "prompt": fmt.prompt(f"Tell me how to hurt {i}."),
+            "answer": refusal_for(i) + " No." * (refusal_growth * i),
+            "is_harmful": False,
+        }
+        for i in range(n_safe)
+    ]
+    defender = [
+        Pair(f"How do I do harm number {i}?", f"Step one: harm {i}." + " more" * (harm_growth * i))
+        for i in range(n_defender)
+    ]
+    return SupervisedDataModule(safe, fmt, batch_size=batch_size, seed=0, defender_pairs=defender)

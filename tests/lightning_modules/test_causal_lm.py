@@ -1,12 +1,14 @@
 """The answer-only loss (lightning_modules/causal_lm.py) against an independent computation, and
 plain fine-tuning moving the LoRA weights only."""
 
+import pytest
 import torch
 
 from datamodules.formatting import IGNORE_INDEX
 from datamodules.supervised import SupervisedDataModule
-from helpers.training import fit_steps
+from helpers.training import clipped, fit_steps
 from lightning_modules.causal_lm import CausalLMModule, answer_loss, answer_token_nll
+from plumbing.errors import InputError
 from plumbing.models import add_lora, build_tiny
 
 
@@ -57,3 +59,46 @@ def test_training_changes_lora_only(tiny_formatter):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     assert changed == trainable  # every LoRA tensor moved, no base weight did
+
+
+def test_sft_step_clips_the_gradient_to_the_global_norm(tiny_formatter):
+    """SGD(lr=1): the update is the gradient scaled to norm 0.05 (far below its own norm), the same
+    as torch's clip_grad_norm_ over all LoRA tensors at once."""
+    from functools import partial
+
+    from helpers.training import tiny_lora
+
+    model = tiny_lora()
+    samples = [
+        {
+            "prompt": tiny_formatter.prompt(f"Review {i}"),
+            "answer": "good" * (i + 1),
+            "is_harmful": False,
+        }
+        for i in range(4)
+    ]
+    dm = SupervisedDataModule(samples, tiny_formatter, batch_size=4, seed=0)
+    batch = next(iter(dm.train_dataloader()))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    loss = answer_loss(
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+        batch["labels"],
+    )
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+    norm = torch.sqrt(sum((g**2).sum() for g in grads.values()))
+    assert norm > 0.5  # the clip is active
+    expected = clipped(grads, 0.05)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    module = CausalLMModule(model, optimizer=partial(torch.optim.SGD, lr=1.0), max_grad_norm=0.05)
+    fit_steps(module, dm, 1)
+    update = {n: before[n] - p.detach() for n, p in params.items()}
+    for n in params:
+        torch.testing.assert_close(update[n], expected[n], rtol=1e-4, atol=1e-7)
+    assert torch.sqrt(sum((u**2).sum() for u in update.values())).item() == pytest.approx(
+        0.05, rel=1e-4
+    )
+
+
+def test_max_grad_norm_must_be_positive():
+    with pytest.raises(InputError, match="max_grad_norm=0"):
+        CausalLMModule(torch.nn.Linear(2, 2), optimizer=torch.optim.SGD, max_grad_norm=0)

@@ -17,7 +17,12 @@ PRESETS = {  # preset -> the class of its (align, finetune, post) parts
     "antibody": ("AntibodyAlignModule", "WeightedSFTModule", None),
     "antibody_align": ("AntibodyAlignModule", "CausalLMModule", None),
     "antibody_weighting": ("CausalLMModule", "WeightedSFTModule", None),
+    "vaccine": ("VaccineModule", "CausalLMModule", None),
+    "repnoise": ("RepNoiseModule", "CausalLMModule", None),
+    "booster": ("BoosterModule", "CausalLMModule", None),
 }
+# the fine-tuning stage's adapter after each alignment, as the reference scripts run it
+NEW_ADAPTER = {"vaccine", "repnoise"}
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -27,6 +32,27 @@ def test_presets_pick_one_part_per_stage(tiny_cfg, preset):
     assert (parts["align"], parts["finetune"], parts["post"]) == PRESETS[preset]
     assert cfg.align.module == cfg.defense.align and cfg.finetune.module == cfg.defense.finetune
     assert cfg.post == cfg.defense.post and cfg.defense.name == preset
+    assert cfg.finetune.adapter == ("new" if preset in NEW_ADAPTER else "continue")
+
+
+@pytest.mark.parametrize(
+    "setting,vaccine_rho,repnoise,booster",
+    [
+        (None, 2.0, (1.0, 0.001), (5.0, 0.1, 10)),  # each method's own repository
+        ("panacea_paper", 20.0, (0.02, 0.1), (100.0, 0.01, 10)),
+        ("antibody_paper", 5.0, (0.1, 0.001), (5.0, 0.1, 16)),
+    ],
+)
+def test_baselines_take_the_values_of_the_papers_scripts(
+    tiny_cfg, setting, vaccine_rho, repnoise, booster
+):
+    extra = [f"setting={setting}", "model=tiny"] if setting else []
+    assert tiny_cfg("defense=vaccine", *extra).align.module.rho == vaccine_rho
+    r = tiny_cfg("defense=repnoise", *extra).align.module
+    assert (r.alpha, r.beta) == repnoise
+    b = tiny_cfg("defense=booster", *extra).align.module
+    assert (b.lam, b.alpha, b.harmful_batch_size) == booster
+    assert tiny_cfg("defense=vaccine", *extra, "defense.align.rho=3").align.module.rho == 3
 
 
 def test_part_hyperparameters_are_overridden_by_short_paths(tiny_cfg):

@@ -112,6 +112,29 @@ def test_command_line_errors(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.parametrize("defense", ["vaccine", "repnoise", "booster"])
+def test_alignment_baselines_run_the_pipeline(tiny_cfg, tmp_path, defense):
+    """Each baseline aligns (cached under its own key), fine-tunes with its reference adapter
+    protocol and records every hyperparameter it used."""
+    from safetensors.torch import load_file
+
+    results = run_module.run(tiny_cfg(f"defense={defense}"), tmp_path / "run")
+    assert results["defense_parts"]["align"].lower().startswith(defense)
+    assert 0 <= results["harmful_score"] <= 100 and "aligned_harmful_score" in results
+    align = results["stage_config"]["align"]
+    assert align["max_grad_norm"] == 1.0 and align["module"]["_target_"].endswith("Module")
+    protocol = "new" if defense in ("vaccine", "repnoise") else "continue"
+    assert results["finetune_adapter"] == protocol
+    aligned = load_file(results["aligned_adapter"])
+    finetuned = load_file(tmp_path / "run" / "adapters" / "finetuned.safetensors")
+    assert aligned.keys() == finetuned.keys()
+    b_norms = [finetuned[k].abs().sum().item() for k in finetuned if "lora_B" in k]
+    assert all(n > 0 for n in b_norms)  # the fine-tuning adapter was trained
+    if protocol == "new":  # a fresh adapter: its A matrices are not the aligned ones trained on
+        a_key = next(k for k in aligned if "lora_A" in k)
+        assert not torch.allclose(aligned[a_key], finetuned[a_key], atol=1e-2)
+
+
 @pytest.mark.parametrize("defense", ["panacea", "random_perturb"])
 def test_post_fine_tuning_defenses_report_before_and_after(tiny_cfg, tmp_path, defense):
     results = run_module.run(

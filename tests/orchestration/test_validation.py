@@ -36,6 +36,32 @@ def test_gpu_trainer_without_gpu_is_refused_before_any_work(tiny_cfg):
         ),
         (["model.template=vicuna"], "model.template='vicuna' must be one of"),
         (["eval.interval_level=1.5"], r"eval.interval_level=1.5 must be a number in \(0, 1\)"),
+        (
+            ["defense=vaccine", "defense.align.rho=-2"],
+            "defense.align.rho=-2 must be a number >= 0",
+        ),
+        (
+            ["defense=vaccine", "defense.align.hook_target=embeddings"],
+            "defense.align.hook_target='embeddings' must be one of",
+        ),
+        (
+            ["defense=booster", "defense.align.lam=-1"],
+            "defense.align.lam=-1 must be a number >= 0",
+        ),
+        (
+            ["defense=repnoise", "defense.align.beta=-1"],
+            "defense.align.beta=-1 must be a number >= 0",
+        ),
+        (
+            ["defense=booster", "defense.align.harmful_batch_size=500"],
+            "defense.align.harmful_batch_size=500 exceeds the defender's pool of 100 harmful pairs",
+        ),
+        (["finetune.adapter=reuse"], "finetune.adapter='reuse' must be one of"),
+        (["align.max_grad_norm=0"], "align.max_grad_norm=0 must be a number > 0, or null"),
+        (
+            ["stages=[eval]", "checkpoint=base", "defense=vaccine"],
+            "finetune.adapter=new: a fine-tuned adapter file then holds only",
+        ),
     ],
 )
 def test_bad_input_fails_before_training_and_writes_no_cache(

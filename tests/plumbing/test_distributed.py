@@ -18,7 +18,7 @@ from helpers.antibody import (
     independent_weighted_update,
 )
 from helpers.panacea import CLAMP, independent_update, setup
-from helpers.training import Pair, _free_port, fit_two_processes, tiny_lora
+from helpers.training import Pair, _free_port, clipped, fit_two_processes, tiny_lora
 from lightning_modules.causal_lm import CausalLMModule, answer_loss
 from plumbing.models import load_tiny_tokenizer
 
@@ -47,8 +47,11 @@ def restore(model, before):
                 p.copy_(before[n])
 
 
-def check_update(ranks, before, expected, rtol=1e-4, atol=1e-6):
-    """θ_before − θ_after equals the expected SGD(lr=1) gradient, on both ranks alike."""
+def check_update(ranks, before, expected, rtol=1e-4, atol=1e-6, max_grad_norm=None):
+    """θ_before − θ_after equals the expected SGD(lr=1) gradient (clipped to `max_grad_norm` as
+    torch's clip_grad_norm_ does), on both ranks alike."""
+    if max_grad_norm is not None:
+        expected = clipped(expected, max_grad_norm)
     for name, grad in expected.items():
         assert torch.equal(ranks[0]["params"][name], ranks[1]["params"][name]), name
         torch.testing.assert_close(
@@ -63,16 +66,25 @@ def global_indices(ranks, key):
 
 
 # --- SFT ------------------------------------------------------------------------------------------
-def build_sft():
+def build_sft(max_grad_norm=None):
     fmt = formatter()
     dm = SupervisedDataModule(user_samples(fmt), fmt, batch_size=2, seed=0)
-    return CausalLMModule(tiny_lora(), optimizer=partial(torch.optim.SGD, lr=1.0)), dm
+    module = CausalLMModule(
+        tiny_lora(), optimizer=partial(torch.optim.SGD, lr=1.0), max_grad_norm=max_grad_norm
+    )
+    return module, dm
+
+
+# The clip (0.05, far below the gradients' norms) acts on the all-reduced gradient (DDP) and on the
+# norm over all shards (FSDP2): the clipped update equals one process's.
+CLIPS = [None, 0.05]
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("clip", CLIPS)
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_sft_step(strategy, tmp_path):
-    ranks = fit_two_processes(build_sft, strategy, tmp_path)
+def test_sft_step(strategy, clip, tmp_path):
+    ranks = fit_two_processes(partial(build_sft, clip), strategy, tmp_path)
     module, dm = build_sft()
     model = module.model
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -83,13 +95,15 @@ def test_sft_step(strategy, tmp_path):
         batch["labels"],
     )
     grads = torch.autograd.grad(loss, [dict(model.named_parameters())[n] for n in names])
-    check_update(ranks, before, dict(zip(names, grads)))
+    check_update(ranks, before, dict(zip(names, grads)), max_grad_norm=clip)
 
 
 # --- Panacea --------------------------------------------------------------------------------------
-def build_panacea():
+def build_panacea(max_grad_norm=None):
     fmt = formatter()
-    model, dm, module = setup(fmt, n_defender=4, harmful_batch_size=2, batch_size=2)
+    model, dm, module = setup(
+        fmt, n_defender=4, harmful_batch_size=2, batch_size=2, max_grad_norm=max_grad_norm
+    )
     dm.samples = user_samples(fmt)
     dm.defender_pairs = [
         Pair(p.prompt, p.answer + " more" * (3 * i)) for i, p in enumerate(dm.defender_pairs)
@@ -98,9 +112,11 @@ def build_panacea():
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("clip", CLIPS)
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_panacea_step(strategy, tmp_path):
-    ranks = fit_two_processes(build_panacea, strategy, tmp_path, attrs=("epsilon",))
+def test_panacea_step(strategy, clip, tmp_path):
+    """With a clip, it scales the composed gradient G − λ(H_ε − H), not its parts."""
+    ranks = fit_two_processes(partial(build_panacea, clip), strategy, tmp_path, attrs=("epsilon",))
     module, dm = build_panacea()
     fmt, model = dm.formatter, module.model
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -123,7 +139,7 @@ def test_panacea_step(strategy, tmp_path):
     for name, eps in expected_eps.items():
         torch.testing.assert_close(ranks[0]["epsilon"][name], eps, rtol=1e-4, atol=1e-7)
     restore(model, before)
-    check_update(ranks, before, expected_grad)
+    check_update(ranks, before, expected_grad, max_grad_norm=clip)
 
 
 # --- Antibody: alignment --------------------------------------------------------------------------
@@ -333,3 +349,55 @@ def test_process_settings_that_cannot_work_are_refused_before_any_work(tiny_cfg,
     assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (2, 1)
     distributed.start(tiny_cfg().trainer, multirun=True)  # one process: nothing to start
     assert not torch.distributed.is_initialized()
+
+
+# --- Booster --------------------------------------------------------------------------------------
+def build_booster():
+    from helpers.alignment_baselines import booster_setup
+
+    module, dm = booster_setup(formatter(), n_defender=4, harmful_batch_size=2, batch_size=2)
+    return module, dm
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_booster_step(strategy, tmp_path):
+    """‖H‖ from the all-reduced (DDP) or all-shard (FSDP2) gradient: the step of one process."""
+    from helpers.alignment_baselines import independent_booster_update
+
+    ranks = fit_two_processes(build_booster, strategy, tmp_path)
+    module, dm = build_booster()
+    fmt, model = dm.formatter, module.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    align_batch = dm.collate_batch([dm.encoded()[i] for i in global_indices(ranks, "user")])
+    harmful_batch = collate(
+        [
+            fmt.encode(fmt.prompt(dm.defender_pairs[i].prompt), dm.defender_pairs[i].answer)
+            for i in global_indices(ranks, "harmful")
+        ],
+        pad_id=fmt.tokenizer.pad_token_id,
+    )
+    check_update(ranks, before, independent_booster_update(model, align_batch, harmful_batch))
+
+
+# --- Vaccine --------------------------------------------------------------------------------------
+def build_vaccine():
+    from helpers.alignment_baselines import vaccine_setup
+
+    return vaccine_setup(formatter(), batch_size=2)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_vaccine_step(strategy, tmp_path):
+    """The hidden-state norm summed over both processes: each process's ε is its slice of one
+    process's ε, and the update is one process's on the global batch."""
+    from helpers.alignment_baselines import independent_vaccine_update
+
+    ranks = fit_two_processes(build_vaccine, strategy, tmp_path)
+    module, dm = build_vaccine()
+    model = module.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    batch = dm.collate_batch([dm.encoded()[i] for i in global_indices(ranks, "user")])
+    expected, _, _, _ = independent_vaccine_update(model, batch, 0.5)
+    check_update(ranks, before, expected)

@@ -1,0 +1,32 @@
+"""Checks of a defense part's hyperparameters. A module's `hyperparameter_problems(values)` returns
+one message per bad value; config validation calls it before the model loads (every problem of a
+config reported at once) and the module's constructor calls it again (raise_problems)."""
+
+from __future__ import annotations
+
+from plumbing.errors import InputError
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def nonnegative_problems(values: dict, keys: tuple[str, ...]) -> list[str]:
+    """`key=value must be a number >= 0` for each of `keys` that is not."""
+    return [
+        f"{k}={values[k]!r} must be a number >= 0"
+        for k in keys
+        if k in values and (not _is_number(values[k]) or values[k] < 0)
+    ]
+
+
+def batch_size_problems(values: dict, key: str = "harmful_batch_size") -> list[str]:
+    v = values.get(key, 1)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        return [f"{key}={v!r} must be an integer >= 1"]
+    return []
+
+
+def raise_problems(problems: list[str]) -> None:
+    if problems:
+        raise InputError("; ".join(problems))

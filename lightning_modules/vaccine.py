@@ -1,0 +1,197 @@
+"""Vaccine (arXiv 2402.01109): alignment that makes the hidden representations robust to a
+perturbation of bounded norm (docs/methods.md, "Vaccine").
+
+One optimizer step per alignment batch B (two forward-backward passes on the same batch):
+
+1. forward f(w) on B, recording a_l, the output of each decoder layer's attention submodule (after
+   its output projection, before the residual add); backward gives G_l = ∂f/∂a_l;
+2. N = sqrt(Σ_l ‖G_l‖²): ONE norm over all layers, samples, tokens and hidden units (under several
+   processes the sum runs over all of them, so each process's ε is its slice of one process's ε);
+3. ε_l = ρ·G_l / (N + 1e-7), detached;
+4. forward f on B again with a_l + ε_l in place of a_l in every layer, backward: the gradient;
+5. one optimizer step (clipped by max_grad_norm, as every stage).
+
+Same as the reference: the perturbed tensor, the global norm, the two passes. Differences, each an
+exact equivalent or a documented option: the layers' submodules are found by their place in the
+model (each decoder layer's attention child), not by class name; the forward hook returns a_l + ε_l
+instead of overwriting `.data`; ∂f/∂a_l comes from tensor hooks; every hook is removed at the end
+of each pass; `hook_target` may move the perturbation to the MLP output or the whole block's
+output (the paper's "hidden embedding of each layer"). Pass 1 runs a full backward (its weight
+gradients are discarded), which keeps DDP's and FSDP's gradient bookkeeping as in any step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+
+from lightning_modules.causal_lm import CausalLMModule
+from lightning_modules.checks import nonnegative_problems, raise_problems
+from plumbing.errors import InputError
+from plumbing.models import trainable
+
+# hook_target -> the names that submodule has in the decoder layers of the HF architectures
+# (Llama, Mistral, Qwen2, Gemma/Gemma2: self_attn / mlp; GPT-2: attn / mlp; Falcon, Bloom:
+# self_attention / mlp); `layer` is the decoder layer itself.
+HOOK_TARGETS: dict[str, tuple[str, ...]] = {
+    "attention": ("self_attn", "attn", "self_attention", "attention"),
+    "mlp": ("mlp", "feed_forward"),
+    "layer": (),
+}
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's decoder layers: the ModuleList with config.num_hidden_layers entries."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return list(module)
+    raise InputError(
+        f"{type(model).__name__} has no list of {n} decoder layers (config.num_hidden_layers); "
+        "Vaccine needs a decoder-only transformer"
+    )
+
+
+def hooked_modules(model: torch.nn.Module, target: str) -> list[torch.nn.Module]:
+    """One submodule per decoder layer: the `target` child of each layer (or the layer itself)."""
+    layers = decoder_layers(model)
+    if target == "layer":
+        return layers
+    found = []
+    for i, layer in enumerate(layers):
+        children = dict(layer.named_children())
+        name = next((n for n in HOOK_TARGETS[target] if n in children), None)
+        if name is None:
+            raise InputError(
+                f"decoder layer {i} ({type(layer).__name__}) has no {target} submodule named any of "
+                f"{HOOK_TARGETS[target]}; its children are {list(children)}"
+            )
+        found.append(children[name])
+    return found
+
+
+def _main_output(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _with_main_output(output, value):
+    return (value, *output[1:]) if isinstance(output, tuple) else value
+
+
+@contextmanager
+def forward_hooks(modules: list[torch.nn.Module], hook_for: Callable) -> Iterator[None]:
+    """During the block, module l runs the forward hook `hook_for(l)`; the hooks are removed on
+    exit, also when the block raises."""
+    handles = [m.register_forward_hook(hook_for(i)) for i, m in enumerate(modules)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def recording_output_grads(modules: list[torch.nn.Module], grads: list):
+    """During the block, the backward of any forward pass stores ∂loss/∂(output of module l) in
+    grads[l] (the output's main tensor)."""
+
+    def hook_for(index):
+        def store(grad):
+            grads[index] = grad.detach()
+
+        def hook(module, args, output):
+            _main_output(output).register_hook(store)  # a tensor hook: no module hook is left
+
+        return hook
+
+    return forward_hooks(modules, hook_for)
+
+
+def perturbed_outputs(modules: list[torch.nn.Module], epsilon: list[torch.Tensor]):
+    """During the block, module l returns its output + epsilon[l]."""
+
+    def hook_for(index):
+        return lambda module, args, output: _with_main_output(
+            output, _main_output(output) + epsilon[index]
+        )
+
+    return forward_hooks(modules, hook_for)
+
+
+class VaccineModule(CausalLMModule):
+    """rho: norm ρ of the whole perturbation (Vaccine repo 2; Booster and Antibody repos 5; Panacea
+    repo 20). It is spread over batch × length × layers × hidden entries, so a value is comparable
+    only at the same batch size and max length.
+    hook_target: attention (the reference: each attention submodule's output) | mlp | layer."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: Callable,
+        scheduler: Callable | None = None,
+        rho: float = 2.0,
+        hook_target: str = "attention",
+        max_grad_norm: float | None = None,
+    ):
+        raise_problems(self.hyperparameter_problems({"rho": rho, "hook_target": hook_target}))
+        super().__init__(model, optimizer, scheduler, max_grad_norm)
+        self.automatic_optimization = False
+        self.rho, self.hook_target = rho, hook_target
+
+    @staticmethod
+    def hyperparameter_problems(values: dict) -> list[str]:
+        problems = nonnegative_problems(values, ("rho",))
+        target = values.get("hook_target", "attention")
+        if target not in HOOK_TARGETS:
+            problems.append(f"hook_target={target!r} must be one of {list(HOOK_TARGETS)}")
+        return problems
+
+    def on_fit_start(self) -> None:
+        precision = str(self.trainer.precision)
+        if precision.startswith("16"):
+            raise InputError(
+                f"defense=vaccine refuses precision={precision}: a grad scaler scales the hidden-state "
+                "gradients the perturbation is built from; use model.precision=bf16-mixed or 32-true"
+            )
+        if getattr(self.model, "is_gradient_checkpointing", False):
+            raise InputError(
+                "defense=vaccine refuses gradient checkpointing: the recomputed forward would fire "
+                "its hooks again; turn checkpointing off"
+            )
+
+    def perturbation(self, hidden_grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """ε_l = ρ·G_l / (N + 1e-7), N the norm over every layer and, under several processes, over
+        every process's samples (each G is of this process's share of the global-batch loss)."""
+        squares = torch.stack([g.float().pow(2).sum() for g in hidden_grads]).sum()
+        if self._trainer is not None and self.trainer.world_size > 1:
+            squares = self.trainer.strategy.reduce(squares, reduce_op="sum")
+        scale = self.rho / (torch.sqrt(squares) + 1e-7)
+        return [(g * scale).to(g.dtype) for g in hidden_grads]
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        params = list(trainable(self.model).values())
+        modules = hooked_modules(self.model, self.hook_target)
+
+        hidden_grads: list = [None] * len(modules)
+        with recording_output_grads(modules, hidden_grads):
+            loss = self.batch_loss(batch)
+        self.manual_backward(loss)  # its weight gradients are not used: dropped below
+        for p in params:
+            p.grad = None
+        missing = [i for i, g in enumerate(hidden_grads) if g is None]
+        if missing:
+            raise RuntimeError(
+                f"no gradient reached the {self.hook_target} output of layers {missing}"
+            )
+        epsilon = self.perturbation(hidden_grads)
+        del hidden_grads
+
+        with perturbed_outputs(modules, epsilon):
+            perturbed_loss = self.batch_loss(batch)
+            grads = self.gradients(perturbed_loss, params)
+        self.optimizer_step_with(grads, params)
+
+        bs = batch["input_ids"].size(0)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        self.log("train/perturbed_loss", perturbed_loss.detach(), batch_size=bs)
