@@ -34,10 +34,23 @@ DEFENSES = {  # harmful_batch_size None = the user batch size
         {"harmful_batch_size": None},
     ),
     "antibody_weighting": ("lightning_modules.antibody", "WeightedSFTModule", {}),
+    "vaccine": ("lightning_modules.vaccine", "VaccineModule", {}),
+    "repnoise": ("lightning_modules.repnoise", "RepNoiseModule", {"harmful_batch_size": None}),
+    "booster": ("lightning_modules.booster", "BoosterModule", {"harmful_batch_size": None}),
+    "t_vaccine": ("lightning_modules.t_vaccine", "TVaccineModule", {}),  # 8 of the model's layers
 }
 # passes per step, the physical floor of the ratio (a no_grad forward is about 1/3 of a
 # forward-backward), and the step-time target of the issues
-FLOOR = {"sft": "1", "panacea": "3", "antibody_align": "4", "antibody_weighting": "1 + 1 forward"}
+FLOOR = {
+    "sft": "1",
+    "panacea": "3",
+    "antibody_align": "4",
+    "antibody_weighting": "1 + 1 forward",
+    "vaccine": "2",
+    "repnoise": "2 + L+1 lens heads",  # two forwards, one backward through both, the logit lens
+    "booster": "3",
+    "t_vaccine": "2 + 1 probe per 200 steps",
+}
 TARGET = {"sft": None, "panacea": 3.2, "antibody_align": 4.3, "antibody_weighting": 1.5}
 MEMORY_TARGET = {"antibody_align": 1.10}  # peak memory within 10% of SFT's: no copy of the model
 
@@ -167,7 +180,7 @@ def step_table(args) -> list[str]:
         peak = statistics.median(p for _, p in rows)
         lines.append(
             f"| {defense} | {step:.2f} | {step / sft_step:.2f}x | {FLOOR[defense]} | "
-            f"{verdict(step / sft_step, TARGET[defense])} | {peak:.0f} | {peak / sft_peak:.2f}x | "
+            f"{verdict(step / sft_step, TARGET.get(defense))} | {peak:.0f} | {peak / sft_peak:.2f}x | "
             f"{verdict(peak / sft_peak, MEMORY_TARGET.get(defense))} |"
         )
     return lines

@@ -128,9 +128,10 @@ class CausalLMModule(L.LightningModule):
         return grads
 
     def optimizer_step_with(
-        self, grads: list[torch.Tensor], params: list[torch.nn.Parameter]
+        self, grads: list[torch.Tensor | None], params: list[torch.nn.Parameter]
     ) -> None:
-        """Set `grads` as the gradient and take ONE optimizer (and scheduler) step."""
+        """Set `grads` as the gradient and take ONE optimizer (and scheduler) step; a None
+        gradient leaves its tensor out of the step (no update, no weight decay)."""
         opt = self.optimizers()
         with torch.no_grad():
             for p, g in zip(params, grads, strict=True):
@@ -168,15 +169,39 @@ class CausalLMModule(L.LightningModule):
         }
 
 
-class DefenderBatchesModule(CausalLMModule):
-    """A multi-pass defense that also draws one batch of the defender's harmful pairs per step
-    (Panacea, Antibody's alignment): manual optimization, fp16 refused (a grad scaler corrupts
-    perturbations), and the position in the defender's batches saved in checkpoints so that a
-    resumed run draws the same batches. Subclasses call super() in the checkpoint hooks.
-
-    harmful_batch_size: defender's harmful samples per step and process."""
+class MultiPassModule(CausalLMModule):
+    """A defense that takes several forward-backward passes per optimizer step: manual
+    optimization, and fp16 refused (a grad scaler scales the gradients a perturbation is built
+    from)."""
 
     defense_name = "?"  # for messages
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: Callable,
+        scheduler: Callable | None = None,
+        max_grad_norm: float | None = None,
+    ):
+        super().__init__(model, optimizer, scheduler, max_grad_norm)
+        self.automatic_optimization = False
+
+    def on_fit_start(self) -> None:
+        precision = str(self.trainer.precision)
+        if precision.startswith("16"):
+            raise InputError(
+                f"defense={self.defense_name} refuses precision={precision}: fp16 with a grad scaler scales "
+                "the gradients its perturbation is built from; use model.precision=bf16-mixed or 32-true"
+            )
+
+
+class DefenderBatchesModule(MultiPassModule):
+    """A multi-pass defense that also draws one batch of the defender's harmful pairs per step
+    (Panacea, Antibody's alignment, Booster, RepNoise, T-Vaccine's probe), with the position in
+    the defender's batches saved in checkpoints so that a resumed run draws the same batches.
+    Subclasses call super() in the checkpoint hooks.
+
+    harmful_batch_size: defender's harmful samples per step and process."""
 
     def __init__(
         self,
@@ -187,18 +212,9 @@ class DefenderBatchesModule(CausalLMModule):
         max_grad_norm: float | None = None,
     ):
         super().__init__(model, optimizer, scheduler, max_grad_norm)
-        self.automatic_optimization = False
         self.harmful_batch_size = harmful_batch_size
         self.harmful: CyclingBatches | None = None
         self._resume_drawn = 0
-
-    def on_fit_start(self) -> None:
-        precision = str(self.trainer.precision)
-        if precision.startswith("16"):
-            raise InputError(
-                f"defense={self.defense_name} refuses precision={precision}: fp16 with a grad scaler scales "
-                "the gradients its perturbation is built from; use model.precision=bf16-mixed or 32-true"
-            )
 
     def on_train_start(self) -> None:
         """The datamodule's defender-held harmful pairs (each with a refusal view), cycled, from

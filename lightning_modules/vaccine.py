@@ -25,9 +25,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import lightning as L
 import torch
 
-from lightning_modules.causal_lm import CausalLMModule
+from lightning_modules.causal_lm import MultiPassModule
 from lightning_modules.checks import nonnegative_problems, raise_problems
 from plumbing.errors import InputError
 from plumbing.models import trainable
@@ -119,11 +120,68 @@ def perturbed_outputs(modules: list[torch.nn.Module], epsilon: list[torch.Tensor
     return forward_hooks(modules, hook_for)
 
 
-class VaccineModule(CausalLMModule):
+def global_perturbation(
+    module: L.LightningModule, hidden_grads: list[torch.Tensor], rho: float
+) -> list[torch.Tensor]:
+    """ε_l = ρ·G_l / (N + 1e-7), N the norm over every given layer and, under several processes,
+    over every process's samples (each G is of this process's share of the global-batch loss)."""
+    squares = torch.stack([g.float().pow(2).sum() for g in hidden_grads]).sum()
+    if module._trainer is not None and module.trainer.world_size > 1:
+        squares = module.trainer.strategy.reduce(squares, reduce_op="sum")
+    scale = rho / (torch.sqrt(squares) + 1e-7)
+    return [(g * scale).to(g.dtype) for g in hidden_grads]
+
+
+def two_pass_gradients(
+    module: MultiPassModule,
+    batch: dict,
+    params: list[torch.nn.Parameter],
+    hooked: list[torch.nn.Module],
+    perturbation: Callable[[list[torch.Tensor]], list[torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Vaccine's two passes on `batch` with the outputs of `hooked` perturbed by
+    `perturbation(∂f/∂outputs)`: (f(w), f(w; ε), the gradient of f(w; ε) w.r.t. `params`)."""
+    hidden_grads: list = [None] * len(hooked)
+    with recording_output_grads(hooked, hidden_grads):
+        loss = module.batch_loss(batch)
+    module.manual_backward(loss)  # its weight gradients are not used: dropped below
+    for p in params:
+        p.grad = None
+    missing = [i for i, g in enumerate(hidden_grads) if g is None]
+    if missing:
+        raise RuntimeError(f"no gradient reached the hooked outputs of layers {missing}")
+    epsilon = perturbation(hidden_grads)
+    del hidden_grads
+    with perturbed_outputs(hooked, epsilon):
+        perturbed_loss = module.batch_loss(batch)
+        grads = module.gradients(perturbed_loss, params)
+    return loss, perturbed_loss, grads
+
+
+def refuse_gradient_checkpointing(model: torch.nn.Module, defense: str) -> None:
+    if getattr(model, "is_gradient_checkpointing", False):
+        raise InputError(
+            f"defense={defense} refuses gradient checkpointing: the recomputed forward would fire "
+            "its hooks again; turn checkpointing off"
+        )
+
+
+def hook_problems(values: dict) -> list[str]:
+    problems = nonnegative_problems(values, ("rho",))
+    target = values.get("hook_target", "attention")
+    if target not in HOOK_TARGETS:
+        problems.append(f"hook_target={target!r} must be one of {list(HOOK_TARGETS)}")
+    return problems
+
+
+class VaccineModule(MultiPassModule):
     """rho: norm ρ of the whole perturbation (Vaccine repo 2; Booster and Antibody repos 5; Panacea
     repo 20). It is spread over batch × length × layers × hidden entries, so a value is comparable
     only at the same batch size and max length.
     hook_target: attention (the reference: each attention submodule's output) | mlp | layer."""
+
+    defense_name = "vaccine"
+    hyperparameter_problems = staticmethod(hook_problems)
 
     def __init__(
         self,
@@ -136,62 +194,22 @@ class VaccineModule(CausalLMModule):
     ):
         raise_problems(self.hyperparameter_problems({"rho": rho, "hook_target": hook_target}))
         super().__init__(model, optimizer, scheduler, max_grad_norm)
-        self.automatic_optimization = False
         self.rho, self.hook_target = rho, hook_target
 
-    @staticmethod
-    def hyperparameter_problems(values: dict) -> list[str]:
-        problems = nonnegative_problems(values, ("rho",))
-        target = values.get("hook_target", "attention")
-        if target not in HOOK_TARGETS:
-            problems.append(f"hook_target={target!r} must be one of {list(HOOK_TARGETS)}")
-        return problems
-
     def on_fit_start(self) -> None:
-        precision = str(self.trainer.precision)
-        if precision.startswith("16"):
-            raise InputError(
-                f"defense=vaccine refuses precision={precision}: a grad scaler scales the hidden-state "
-                "gradients the perturbation is built from; use model.precision=bf16-mixed or 32-true"
-            )
-        if getattr(self.model, "is_gradient_checkpointing", False):
-            raise InputError(
-                "defense=vaccine refuses gradient checkpointing: the recomputed forward would fire "
-                "its hooks again; turn checkpointing off"
-            )
+        super().on_fit_start()
+        refuse_gradient_checkpointing(self.model, self.defense_name)
 
     def perturbation(self, hidden_grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        """ε_l = ρ·G_l / (N + 1e-7), N the norm over every layer and, under several processes, over
-        every process's samples (each G is of this process's share of the global-batch loss)."""
-        squares = torch.stack([g.float().pow(2).sum() for g in hidden_grads]).sum()
-        if self._trainer is not None and self.trainer.world_size > 1:
-            squares = self.trainer.strategy.reduce(squares, reduce_op="sum")
-        scale = self.rho / (torch.sqrt(squares) + 1e-7)
-        return [(g * scale).to(g.dtype) for g in hidden_grads]
+        return global_perturbation(self, hidden_grads, self.rho)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         params = list(trainable(self.model).values())
-        modules = hooked_modules(self.model, self.hook_target)
-
-        hidden_grads: list = [None] * len(modules)
-        with recording_output_grads(modules, hidden_grads):
-            loss = self.batch_loss(batch)
-        self.manual_backward(loss)  # its weight gradients are not used: dropped below
-        for p in params:
-            p.grad = None
-        missing = [i for i, g in enumerate(hidden_grads) if g is None]
-        if missing:
-            raise RuntimeError(
-                f"no gradient reached the {self.hook_target} output of layers {missing}"
-            )
-        epsilon = self.perturbation(hidden_grads)
-        del hidden_grads
-
-        with perturbed_outputs(modules, epsilon):
-            perturbed_loss = self.batch_loss(batch)
-            grads = self.gradients(perturbed_loss, params)
+        hooked = hooked_modules(self.model, self.hook_target)
+        loss, perturbed_loss, grads = two_pass_gradients(
+            self, batch, params, hooked, self.perturbation
+        )
         self.optimizer_step_with(grads, params)
-
         bs = batch["input_ids"].size(0)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
         self.log("train/perturbed_loss", perturbed_loss.detach(), batch_size=bs)

@@ -80,16 +80,17 @@ def attention_modules(model):
     return [m for n, m in model.named_modules() if n.endswith("self_attn")]
 
 
-def independent_vaccine_update(model, batch, rho):
-    """Pass 1: the attention outputs captured by the test's own hooks and ∂f/∂a_l by autograd.grad;
-    ε = ρ·G/‖G‖ over all layers; pass 2: hooks that return a_l + ε_l. Returns (grads, ε)."""
+def independent_vaccine_update(model, batch, rho, layers=None):
+    """Pass 1: the attention outputs of `layers` (default all) captured by the test's own hooks
+    and ∂f/∂a_l by autograd.grad; ε = ρ·G/‖G‖ over those layers; pass 2: hooks that return
+    a_l + ε_l. Returns (grads, ε, f(w), f(w; ε))."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = dict(model.named_parameters())
+    hooked = attention_modules(model)
+    if layers is not None:
+        hooked = [hooked[i] for i in layers]
     outputs = []
-    handles = [
-        m.register_forward_hook(lambda m, a, o: outputs.append(o[0]))
-        for m in attention_modules(model)
-    ]
+    handles = [m.register_forward_hook(lambda m, a, o: outputs.append(o[0])) for m in hooked]
     loss = answer_loss(
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
         batch["labels"],
@@ -101,8 +102,7 @@ def independent_vaccine_update(model, batch, rho):
     eps = [rho * g / (norm + 1e-7) for g in G]
     it = iter(eps)
     handles = [
-        m.register_forward_hook(lambda m, a, o, e=e: (o[0] + e, *o[1:]))
-        for m, e in zip(attention_modules(model), it)
+        m.register_forward_hook(lambda m, a, o, e=e: (o[0] + e, *o[1:])) for m, e in zip(hooked, it)
     ]
     loss2 = answer_loss(
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
@@ -112,3 +112,13 @@ def independent_vaccine_update(model, batch, rho):
         h.remove()
     grads = torch.autograd.grad(loss2, [params[n] for n in names])
     return dict(zip(names, grads)), eps, loss.detach(), loss2.detach()
+
+
+def t_vaccine_setup(
+    fmt, rho=0.5, lr=1.0, batch_size=4, n_defender=1, optimizer=torch.optim.SGD, **kwargs
+):
+    from lightning_modules.t_vaccine import TVaccineModule
+
+    dm = alignment_data(fmt, 4, batch_size, n_defender, refusal_growth=1)
+    module = TVaccineModule(tiny_lora(), optimizer=partial(optimizer, lr=lr), rho=rho, **kwargs)
+    return module, dm

@@ -20,9 +20,10 @@ PRESETS = {  # preset -> the class of its (align, finetune, post) parts
     "vaccine": ("VaccineModule", "CausalLMModule", None),
     "repnoise": ("RepNoiseModule", "CausalLMModule", None),
     "booster": ("BoosterModule", "CausalLMModule", None),
+    "t_vaccine": ("TVaccineModule", "CausalLMModule", None),
 }
 # the fine-tuning stage's adapter after each alignment, as the reference scripts run it
-NEW_ADAPTER = {"vaccine", "repnoise"}
+NEW_ADAPTER = {"vaccine", "repnoise", "t_vaccine"}
 
 
 @pytest.mark.parametrize("preset", PRESETS)

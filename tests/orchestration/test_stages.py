@@ -112,18 +112,24 @@ def test_command_line_errors(tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
-@pytest.mark.parametrize("defense", ["vaccine", "repnoise", "booster"])
+@pytest.mark.parametrize("defense", ["vaccine", "repnoise", "booster", "t_vaccine"])
 def test_alignment_baselines_run_the_pipeline(tiny_cfg, tmp_path, defense):
     """Each baseline aligns (cached under its own key), fine-tunes with its reference adapter
     protocol and records every hyperparameter it used."""
     from safetensors.torch import load_file
 
-    results = run_module.run(tiny_cfg(f"defense={defense}"), tmp_path / "run")
-    assert results["defense_parts"]["align"].lower().startswith(defense)
+    extra = ["defense.align.active_layers=1"] if defense == "t_vaccine" else []
+    results = run_module.run(tiny_cfg(f"defense={defense}", *extra), tmp_path / "run")
+    assert (
+        results["defense_parts"]["align"]
+        .lower()
+        .replace("_", "")
+        .startswith(defense.replace("_", ""))
+    )
     assert 0 <= results["harmful_score"] <= 100 and "aligned_harmful_score" in results
     align = results["stage_config"]["align"]
     assert align["max_grad_norm"] == 1.0 and align["module"]["_target_"].endswith("Module")
-    protocol = "new" if defense in ("vaccine", "repnoise") else "continue"
+    protocol = "new" if defense in ("vaccine", "repnoise", "t_vaccine") else "continue"
     assert results["finetune_adapter"] == protocol
     aligned = load_file(results["aligned_adapter"])
     finetuned = load_file(tmp_path / "run" / "adapters" / "finetuned.safetensors")

@@ -401,3 +401,34 @@ def test_vaccine_step(strategy, tmp_path):
     batch = dm.collate_batch([dm.encoded()[i] for i in global_indices(ranks, "user")])
     expected, _, _, _ = independent_vaccine_update(model, batch, 0.5)
     check_update(ranks, before, expected)
+
+
+# --- T-Vaccine ------------------------------------------------------------------------------------
+def build_t_vaccine():
+    from helpers.alignment_baselines import t_vaccine_setup
+
+    return t_vaccine_setup(formatter(), batch_size=2, n_defender=2, active_layers=1)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_t_vaccine_step(strategy, tmp_path):
+    """Both processes draw the same layer (probe norms averaged over processes, a seeded draw);
+    the step is Vaccine's on that layer over the global batch, the other layer unchanged."""
+    from helpers.alignment_baselines import independent_vaccine_update
+
+    ranks = fit_two_processes(
+        build_t_vaccine, strategy, tmp_path, attrs=("active", "probabilities")
+    )
+    assert ranks[0]["active"] == ranks[1]["active"]
+    assert torch.equal(ranks[0]["probabilities"], ranks[1]["probabilities"])
+    (chosen,) = ranks[0]["active"]
+    module, dm = build_t_vaccine()
+    model = module.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    batch = dm.collate_batch([dm.encoded()[i] for i in global_indices(ranks, "user")])
+    expected, _, _, _ = independent_vaccine_update(model, batch, 0.5, layers=[chosen])
+    expected = {
+        n: g if f"layers.{chosen}." in n else torch.zeros_like(g) for n, g in expected.items()
+    }
+    check_update(ranks, before, expected)
