@@ -76,6 +76,9 @@ class RunInfo(BaseModel):
     aligned_reused: bool | None = None
     align_diagnostics: dict | None = None  # callbacks/diagnostics.py summaries
     finetune_diagnostics: dict | None = None
+    post_summary: dict | None = (
+        None  # what the post transform reports (e.g. Antidote's pruned fraction)
+    )
     seconds: dict[str, float]  # wall time per stage / evaluation
     run_dir: str
     point_key: str  # the resolved config's hash (orchestration/sweep.py)

@@ -77,6 +77,13 @@ class Experiment:
                     f"defense.{stage}.harmful_batch_size={size} exceeds the defender's pool of "
                     f"{pool} harmful pairs: lower it or raise data.n_defender"
                 )
+        post = self.cfg.defense.get("post")
+        if post is not None and "calibration_samples" in post and "post" in self.cfg.stages:
+            if pool == 0:
+                raise InputError(
+                    "defense.post needs calibration data, the defender's harmful pairs, but "
+                    "data.n_defender=0: raise it"
+                )
 
     def load_model(self) -> None:
         """The base model with the alignment's LoRA adapter; adapters merged by `new_adapter`

@@ -153,12 +153,18 @@ def stage_post(exp: Experiment, results: dict) -> None:
     (`before_post_*` in results.json), so one run shows what the transform buys.
     """
     if exp.cfg.post is not None:
-        transform = instantiate(exp.cfg.post)
+        run_objects = {"defender_pairs": exp.splits.defender_pairs, "formatter": exp.formatter}
+        wanted = inspect.signature(get_class(exp.cfg.post._target_)).parameters
+        transform = instantiate(
+            exp.cfg.post, **{k: v for k, v in run_objects.items() if k in wanted}
+        )
         if "eval" in exp.cfg.stages:
             before = run_eval(exp, exp.run_dir / "generations_before_post.jsonl", tag="before_post")
             results.update({f"before_post_{k}": v for k, v in before.items()})
         with exp.timed("post"):
             transform(exp.model, exp.finetune_module)
+        if getattr(transform, "summary", None) is not None:
+            results["post_summary"] = transform.summary
     if is_main():
         save_adapter(exp.model, exp.run_dir / "adapters" / "deployed.safetensors")
 

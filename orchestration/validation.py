@@ -119,7 +119,7 @@ def hyperparameter_problems(cfg: DictConfig) -> list[str]:
     """Each defense part's own checks of its values (a module's `hyperparameter_problems`), run on
     the config so that a bad value is reported before the model loads."""
     problems = []
-    for stage in ("align", "finetune"):
+    for stage in ("align", "finetune", "post"):
         part = cfg.defense.get(stage)
         if part is None:
             continue

@@ -21,9 +21,10 @@ PRESETS = {  # preset -> the class of its (align, finetune, post) parts
     "repnoise": ("RepNoiseModule", "CausalLMModule", None),
     "booster": ("BoosterModule", "CausalLMModule", None),
     "t_vaccine": ("TVaccineModule", "CausalLMModule", None),
+    "antidote": ("CausalLMModule", "CausalLMModule", "AntidotePrune"),
 }
 # the fine-tuning stage's adapter after each alignment, as the reference scripts run it
-NEW_ADAPTER = {"vaccine", "repnoise", "t_vaccine"}
+NEW_ADAPTER = {"vaccine", "repnoise", "t_vaccine", "antidote"}
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -141,6 +141,25 @@ def test_alignment_baselines_run_the_pipeline(tiny_cfg, tmp_path, defense):
         assert not torch.allclose(aligned[a_key], finetuned[a_key], atol=1e-2)
 
 
+def test_antidote_prunes_the_fine_tuned_adapter_on_defender_data(tiny_cfg, tmp_path):
+    from safetensors.torch import load_file
+
+    results = run_module.run(
+        tiny_cfg("defense=antidote", "defense.post.ratio=0.5", "data.n_defender=12"),
+        tmp_path / "run",
+    )
+    summary = results["post_summary"]
+    assert summary["calibration_samples"] == 12 and summary["ratio"] == 0.5
+    assert 0.5 <= summary["realized_fraction"] < 0.75  # int() rounds the kept count down
+    finetuned = load_file(tmp_path / "run" / "adapters" / "finetuned.safetensors")
+    deployed = load_file(tmp_path / "run" / "adapters" / "deployed.safetensors")
+    zeroed = sum(int(((deployed[k] == 0) & (finetuned[k] != 0)).sum()) for k in deployed)
+    assert zeroed / sum(v.numel() for v in deployed.values()) == pytest.approx(
+        summary["realized_fraction"], abs=0.02
+    )
+    assert "before_post_harmful_score" in results and results["finetune_adapter"] == "new"
+
+
 @pytest.mark.parametrize("defense", ["panacea", "random_perturb"])
 def test_post_fine_tuning_defenses_report_before_and_after(tiny_cfg, tmp_path, defense):
     results = run_module.run(

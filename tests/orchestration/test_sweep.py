@@ -130,7 +130,7 @@ def test_experiment_files_compose_into_sweeps():
     from hydra import compose, initialize_config_dir
 
     names = sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml"))
-    assert len(names) == 10
+    assert len(names) == 11
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         for name in names:
             cfg = compose("config", overrides=[f"experiment={name}"], return_hydra_config=True)

@@ -57,6 +57,11 @@ def test_gpu_trainer_without_gpu_is_refused_before_any_work(tiny_cfg):
             "defense.align.harmful_batch_size=500 exceeds the defender's pool of 100 harmful pairs",
         ),
         (["finetune.adapter=reuse"], "finetune.adapter='reuse' must be one of"),
+        (
+            ["defense=antidote", "defense.post.ratio=1.5"],
+            r"defense.post.ratio=1.5 must be a number in \[0, 1\]",
+        ),
+        (["defense=antidote", "data.n_defender=0"], "defense.post needs calibration data"),
         (["align.max_grad_norm=0"], "align.max_grad_norm=0 must be a number > 0, or null"),
         (
             ["stages=[eval]", "checkpoint=base", "defense=vaccine"],
