@@ -39,6 +39,8 @@ DEFENSES = {  # harmful_batch_size None = the user batch size
     "booster": ("lightning_modules.booster", "BoosterModule", {"harmful_batch_size": None}),
     "t_vaccine": ("lightning_modules.t_vaccine", "TVaccineModule", {}),  # 8 of the model's layers
 }
+# not timed here: Lisa's step is SFT's (an alignment batch replaces the user batch; the proximal
+# term is O(#LoRA parameters)), and Antidote is a one-shot post transform, not a training step
 # passes per step, the physical floor of the ratio (a no_grad forward is about 1/3 of a
 # forward-backward), and the step-time target of the issues
 FLOOR = {

@@ -6,6 +6,9 @@ from __future__ import annotations
 import logging
 import random
 
+from torch.utils.data import DataLoader
+
+from datamodules.alignment import alignment_samples
 from datamodules.formatting import PromptFormatter
 from datamodules.harmful import HarmfulSplits
 from datamodules.supervised import SupervisedDataModule
@@ -107,3 +110,16 @@ class PoisonedFinetuneDataModule(SupervisedDataModule):
         samples = poisoned_samples(task, splits, formatter, n, harmful_ratio, sample_seed)
         super().__init__(samples, formatter, batch_size, seed, defender_pairs=splits.defender_pairs)
         self.harmful_ratio = harmful_ratio
+        self.splits = splits
+
+    def alignment_dataloader(
+        self, batch_size: int, num_replicas: int = 1, rank: int = 0
+    ) -> DataLoader:
+        """The alignment set's (harmful prompt -> refusal or safe answer) pairs, without the retain
+        data, for defenses that keep aligning during fine-tuning (Lisa); shuffled from its own
+        seed, each process its own shard."""
+        items = [
+            {**self.formatter.encode(s["prompt"], s["answer"]), "is_harmful": False, "index": i}
+            for i, s in enumerate(alignment_samples(self.splits, self.formatter))
+        ]
+        return self._loader(items, batch_size, self.seed + 2, num_replicas, rank)

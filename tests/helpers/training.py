@@ -17,20 +17,23 @@ class RecordRank(L.Callback):
 
     def __init__(self, out_dir, attrs=("epsilon",)):
         self.out_dir, self.attrs = Path(out_dir), attrs
-        self.user, self.harmful = [], []
+        self.user, self.drawn = [], {"harmful": [], "alignment": []}
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         self.user.append(batch["index"].tolist())
-        harmful = getattr(module, "harmful", None)
-        if harmful is not None and not getattr(harmful, "recorded", False):
-            draw = harmful.next
+        for source, record in self.drawn.items():  # the module's cycled extra batches
+            batches = getattr(module, source, None)
+            if batches is not None and not getattr(batches, "recorded", False):
+                batches.next, batches.recorded = self.recording(batches.next, record), True
 
-            def recorded_draw(device):
-                drawn = draw(device)
-                self.harmful.append(drawn["index"].tolist())
-                return drawn
+    @staticmethod
+    def recording(draw, record):
+        def recorded_draw(device):
+            drawn = draw(device)
+            record.append(drawn["index"].tolist())
+            return drawn
 
-            harmful.next, harmful.recorded = recorded_draw, True
+        return recorded_draw
 
     def on_train_end(self, trainer, module):
         from lightning_modules.gradients import full
@@ -46,7 +49,7 @@ class RecordRank(L.Callback):
         torch.save(
             {
                 "user": self.user,
-                "harmful": self.harmful,
+                **self.drawn,
                 "params": params,
                 "metrics": metrics,
                 **state,

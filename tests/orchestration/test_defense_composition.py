@@ -22,9 +22,10 @@ PRESETS = {  # preset -> the class of its (align, finetune, post) parts
     "booster": ("BoosterModule", "CausalLMModule", None),
     "t_vaccine": ("TVaccineModule", "CausalLMModule", None),
     "antidote": ("CausalLMModule", "CausalLMModule", "AntidotePrune"),
+    "lisa": ("CausalLMModule", "LisaModule", None),
 }
 # the fine-tuning stage's adapter after each alignment, as the reference scripts run it
-NEW_ADAPTER = {"vaccine", "repnoise", "t_vaccine", "antidote"}
+NEW_ADAPTER = {"vaccine", "repnoise", "t_vaccine", "antidote", "lisa"}
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -55,6 +56,12 @@ def test_baselines_take_the_values_of_the_papers_scripts(
     b = tiny_cfg("defense=booster", *extra).align.module
     assert (b.lam, b.alpha, b.harmful_batch_size) == booster
     assert tiny_cfg("defense=vaccine", *extra, "defense.align.rho=3").align.module.rho == 3
+    lisa = tiny_cfg("defense=lisa", *extra)
+    assert (lisa.finetune.module.rho, lisa.finetune.adapter) == {
+        None: (1.0, "new"),
+        "panacea_paper": (0.01, "new"),
+        "antibody_paper": (0.01, "continue"),
+    }[setting]
 
 
 def test_part_hyperparameters_are_overridden_by_short_paths(tiny_cfg):

@@ -141,6 +141,17 @@ def test_alignment_baselines_run_the_pipeline(tiny_cfg, tmp_path, defense):
         assert not torch.allclose(aligned[a_key], finetuned[a_key], atol=1e-2)
 
 
+def test_lisa_alternates_inside_the_pipeline(tiny_cfg, tmp_path):
+    results = run_module.run(
+        tiny_cfg(
+            "defense=lisa", "defense.finetune.align_steps=1", "defense.finetune.finetune_steps=1"
+        ),
+        tmp_path / "run",
+    )
+    assert results["defense_parts"]["finetune"] == "LisaModule"
+    assert results["finetune_adapter"] == "new" and "harmful_score" in results
+
+
 def test_antidote_prunes_the_fine_tuned_adapter_on_defender_data(tiny_cfg, tmp_path):
     from safetensors.torch import load_file
 

@@ -432,3 +432,33 @@ def test_t_vaccine_step(strategy, tmp_path):
         n: g if f"layers.{chosen}." in n else torch.zeros_like(g) for n, g in expected.items()
     }
     check_update(ranks, before, expected)
+
+
+# --- Lisa -----------------------------------------------------------------------------------------
+def build_lisa():
+    from helpers.lisa import datamodule, lisa
+
+    fmt = formatter()
+    return lisa(rho=0.5, k1=1, k2=1, lr=1.0), datamodule(fmt, batch_size=2)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_lisa_alignment_step(strategy, tmp_path):
+    """Step 0 is an alignment step: each process trains on its shard of one global alignment batch
+    (the user batches are discarded); the update is one process's on the union."""
+    ranks = fit_two_processes(build_lisa, strategy, tmp_path)
+    module, dm = build_lisa()
+    model = module.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    items = dm.alignment_dataloader(2).dataset
+    indices = ranks[0]["alignment"][0] + ranks[1]["alignment"][0]
+    assert len(set(indices)) == 4
+    batch = dm.collate_batch([items[i] for i in indices])
+    names = list(before)
+    loss = answer_loss(
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+        batch["labels"],
+    )
+    grads = torch.autograd.grad(loss, [dict(model.named_parameters())[n] for n in names])
+    check_update(ranks, before, dict(zip(names, grads)))
