@@ -118,8 +118,5 @@ class PoisonedFinetuneDataModule(SupervisedDataModule):
         """The alignment set's (harmful prompt -> refusal or safe answer) pairs, without the retain
         data, for defenses that keep aligning during fine-tuning (Lisa); shuffled from its own
         seed, each process its own shard."""
-        items = [
-            {**self.formatter.encode(s["prompt"], s["answer"]), "is_harmful": False, "index": i}
-            for i, s in enumerate(alignment_samples(self.splits, self.formatter))
-        ]
-        return self._loader(items, batch_size, self.seed + 2, num_replicas, rank)
+        samples = alignment_samples(self.splits, self.formatter)
+        return self.samples_dataloader(samples, batch_size, self.seed + 2, num_replicas, rank)

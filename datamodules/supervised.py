@@ -52,6 +52,12 @@ class SupervisedDataModule(L.LightningDataModule):
                     item["refusal"] = self.formatter.encode(s["prompt"], refusal_for(i))
         return self._encoded
 
+    def add_samples(self, samples: list[dict]) -> None:
+        """More training samples (a data-level defense's, e.g. SafeInstr's safety pairs), indexed
+        after the existing ones."""
+        self.samples = self.samples + list(samples)
+        self._encoded = None
+
     def enable_refusal_view(self) -> None:
         self.refusal_view = True
         self._encoded = None
@@ -80,6 +86,22 @@ class SupervisedDataModule(L.LightningDataModule):
             generator=torch.Generator().manual_seed(seed),
             collate_fn=self.collate_batch,
         )
+
+    def samples_dataloader(
+        self, samples: list[dict], batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0
+    ) -> DataLoader:
+        """Another set of (prompt -> answer) samples, encoded as the training set and shuffled from
+        `seed`, each process its own shard: the extra batches a defense draws (Lisa's alignment
+        pairs, SafeInstr's joint safety batches)."""
+        items = [
+            {
+                **self.formatter.encode(s["prompt"], s["answer"]),
+                "is_harmful": s.get("is_harmful", False),
+                "index": i,
+            }
+            for i, s in enumerate(samples)
+        ]
+        return self._loader(items, batch_size, seed, num_replicas, rank)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.encoded(), self.batch_size, self.seed)

@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from torch.distributed.fsdp import FSDPModule
@@ -77,6 +77,15 @@ class Experiment:
                     f"defense.{stage}.harmful_batch_size={size} exceeds the defender's pool of "
                     f"{pool} harmful pairs: lower it or raise data.n_defender"
                 )
+        for stage in ("align", "finetune", "post"):  # a part's own checks against the data
+            part = self.cfg.defense.get(stage)
+            check = (
+                None if part is None else getattr(get_class(part._target_), "data_problems", None)
+            )
+            if stage in self.cfg.stages and check is not None:
+                problems = check(plain(part), self.splits)
+                if problems:
+                    raise InputError("; ".join(f"defense.{stage}.{p}" for p in problems))
         post = self.cfg.defense.get("post")
         if post is not None and "calibration_samples" in post and "post" in self.cfg.stages:
             if pool == 0:

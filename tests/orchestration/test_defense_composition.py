@@ -23,6 +23,7 @@ PRESETS = {  # preset -> the class of its (align, finetune, post) parts
     "t_vaccine": ("TVaccineModule", "CausalLMModule", None),
     "antidote": ("CausalLMModule", "CausalLMModule", "AntidotePrune"),
     "lisa": ("CausalLMModule", "LisaModule", None),
+    "safeinstr": ("CausalLMModule", "SafeInstrModule", None),
 }
 # the fine-tuning stage's adapter after each alignment, as the reference scripts run it
 NEW_ADAPTER = {"vaccine", "repnoise", "t_vaccine", "antidote", "lisa"}

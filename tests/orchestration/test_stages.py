@@ -152,6 +152,19 @@ def test_lisa_alternates_inside_the_pipeline(tiny_cfg, tmp_path):
     assert results["finetune_adapter"] == "new" and "harmful_score" in results
 
 
+def test_safeinstr_mixes_its_safety_samples_into_the_users_set(tiny_cfg, tmp_path):
+    """The safety samples come from the defender's prompts, a role that shares no prompt with the
+    held-out (HS) prompts, the alignment or the user's pool."""
+    from orchestration.experiment import Experiment
+
+    cfg = tiny_cfg("defense=safeinstr", "defense.finetune.safety_samples=5")
+    results = run_module.run(cfg, tmp_path / "run")
+    assert results["defense_parts"]["finetune"] == "SafeInstrModule"
+    assert results["stage_config"]["finetune"]["module"]["safety_samples"] == 5
+    roles = Experiment(cfg, tmp_path / "other").splits.roles()
+    assert not roles["defender"] & (roles["eval"] | roles["align"] | roles["user"])
+
+
 def test_antidote_prunes_the_fine_tuned_adapter_on_defender_data(tiny_cfg, tmp_path):
     from safetensors.torch import load_file
 

@@ -58,6 +58,18 @@ def test_gpu_trainer_without_gpu_is_refused_before_any_work(tiny_cfg):
         ),
         (["finetune.adapter=reuse"], "finetune.adapter='reuse' must be one of"),
         (
+            ["defense=safeinstr", "defense.finetune.safety_samples=500"],
+            "defense.finetune.safety_samples=500 exceeds the 100 safety samples of source=defender",
+        ),
+        (
+            [
+                "defense=safeinstr",
+                "defense.finetune.source=file",
+                "defense.finetune.path=/nope.json",
+            ],
+            "defense.finetune.path=/nope.json is not a file|safeinstr path=/nope.json is not a file",
+        ),
+        (
             ["defense=antidote", "defense.post.ratio=1.5"],
             r"defense.post.ratio=1.5 must be a number in \[0, 1\]",
         ),
