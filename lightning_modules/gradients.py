@@ -81,3 +81,20 @@ def moved(params: list[torch.nn.Parameter], steps: list[torch.Tensor]) -> Iterat
         with torch.no_grad():
             for p, w in zip(params, backup):
                 p.copy_(w)
+
+
+@contextmanager
+def holding(params: list[torch.nn.Parameter], values: list[torch.Tensor]) -> Iterator[None]:
+    """Inside the block every parameter holds the given value; on exit its own value is restored
+    bit-exactly from a copy (LDIFS's reference model: the same base with the adapter's starting
+    values, without a second copy of the model)."""
+    backup = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, v in zip(params, values, strict=True):
+            p.copy_(v)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, w in zip(params, backup):
+                p.copy_(w)

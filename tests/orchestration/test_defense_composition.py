@@ -24,9 +24,10 @@ PRESETS = {  # preset -> the class of its (align, finetune, post) parts
     "antidote": ("CausalLMModule", "CausalLMModule", "AntidotePrune"),
     "lisa": ("CausalLMModule", "LisaModule", None),
     "safeinstr": ("CausalLMModule", "SafeInstrModule", None),
+    "ldifs": ("CausalLMModule", "LDIFSModule", None),
 }
 # the fine-tuning stage's adapter after each alignment, as the reference scripts run it
-NEW_ADAPTER = {"vaccine", "repnoise", "t_vaccine", "antidote", "lisa"}
+NEW_ADAPTER = {"vaccine", "repnoise", "t_vaccine", "antidote", "lisa", "ldifs"}
 
 
 @pytest.mark.parametrize("preset", PRESETS)

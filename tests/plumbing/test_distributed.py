@@ -462,3 +462,24 @@ def test_lisa_alignment_step(strategy, tmp_path):
     )
     grads = torch.autograd.grad(loss, [dict(model.named_parameters())[n] for n in names])
     check_update(ranks, before, dict(zip(names, grads)))
+
+
+# --- LDIFS ----------------------------------------------------------------------------------------
+def build_ldifs():
+    from helpers.ldifs import ldifs_setup
+
+    return ldifs_setup(formatter(), batch_size=2, drop_above=None)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_ldifs_step(strategy, tmp_path):
+    """The feature distance of the global batch: each process's term scaled by the process count."""
+    from helpers.ldifs import independent_ldifs_grad
+
+    ranks = fit_two_processes(build_ldifs, strategy, tmp_path)
+    module, dm = build_ldifs()
+    model = module.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    batch = dm.collate_batch([dm.encoded()[i] for i in global_indices(ranks, "user")])
+    check_update(ranks, before, independent_ldifs_grad(model, batch, 0.5))
