@@ -38,9 +38,11 @@ DEFENSES = {  # harmful_batch_size None = the user batch size
     "repnoise": ("lightning_modules.repnoise", "RepNoiseModule", {"harmful_batch_size": None}),
     "booster": ("lightning_modules.booster", "BoosterModule", {"harmful_batch_size": None}),
     "t_vaccine": ("lightning_modules.t_vaccine", "TVaccineModule", {}),  # 8 of the model's layers
+    "ldifs": ("lightning_modules.ldifs", "LDIFSModule", {}),
 }
-# not timed here: Lisa's step is SFT's (an alignment batch replaces the user batch; the proximal
-# term is O(#LoRA parameters)), and Antidote is a one-shot post transform, not a training step
+# Not timed here: Lisa's and SafeInstr's steps are SFT's (SafeInstr adds k samples; in Lisa an
+# alignment batch replaces the user batch and the proximal term is O(#LoRA parameters)), and
+# Antidote is a one-shot post transform, not a training step.
 # passes per step, the physical floor of the ratio (a no_grad forward is about 1/3 of a
 # forward-backward), and the step-time target of the issues
 FLOOR = {
@@ -52,6 +54,7 @@ FLOOR = {
     "repnoise": "2 + L+1 lens heads",  # two forwards, one backward through both, the logit lens
     "booster": "3",
     "t_vaccine": "2 + 1 probe per 200 steps",
+    "ldifs": "1 + 1 forward",
 }
 TARGET = {"sft": None, "panacea": 3.2, "antibody_align": 4.3, "antibody_weighting": 1.5}
 MEMORY_TARGET = {"antibody_align": 1.10}  # peak memory within 10% of SFT's: no copy of the model

@@ -128,3 +128,24 @@ def test_antibody_alignment_with_panacea_fine_tuning_runs_without_a_new_file(tin
     )
     assert "before_post_harmful_score" in results
     assert (tmp_path / "run" / "finetune_diagnostics" / "epsilon_layer_norms.png").is_file()
+
+
+@pytest.mark.e2e
+def test_booster_alignment_with_lisa_fine_tuning_runs_without_a_new_file(tiny_cfg, tmp_path):
+    """A combination the Antibody repository's scripts run (Booster alignment + Lisa), from parts."""
+    cfg = tiny_cfg(
+        "defense=sft",
+        "defense/align=booster",
+        "defense/finetune=lisa",
+        "defense.finetune.align_steps=1",
+        "defense.finetune.finetune_steps=1",
+        "defense.name=booster+lisa",
+    )
+    results = stages.run(cfg, tmp_path / "run")
+    assert results["defense_parts"] == {
+        "align": "BoosterModule",
+        "finetune": "LisaModule",
+        "post": None,
+    }
+    assert results["stage_config"]["finetune"]["module"]["rho"] == 1.0
+    assert "harmful_score" in results and results["finetune_adapter"] == "continue"
