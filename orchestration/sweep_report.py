@@ -145,8 +145,8 @@ def paired_test(points: list[Point], done: dict[frozenset, Point], short: str) -
 
 
 def summarize(points: list[Point], level: float = DEFAULT_LEVEL) -> list[dict]:
-    """One row per (label, harmful_ratio): mean, std and t interval over seeds, the paired test
-    against sft, and the count of each status."""
+    """One row per (label, harmful_ratio), labels in the grid's order: mean, std and t interval
+    over seeds, the paired test against sft, and the count of each status."""
     varying = {
         k for p in points for k in p.overrides if len({q.overrides.get(k) for q in points}) > 1
     }
@@ -183,7 +183,9 @@ def summarize(points: list[Point], level: float = DEFAULT_LEVEL) -> list[dict]:
             row.update({f"{short}_{column}": test.get(column) for column in PAIRED_COLUMNS})
         row["errors"] = "; ".join(sorted({p.error for p in group if p.error}))
         rows.append(row)
-    return sorted(rows, key=lambda r: (r["row"], _as_float(r[COLUMN])))
+    # rows in the grid's own order (an experiment file lists a paper table's rows in its order)
+    first_seen = {label: i for i, label in reversed(list(enumerate(r["row"] for r in rows)))}
+    return sorted(rows, key=lambda r: (first_seen[r["row"]], _as_float(r[COLUMN])))
 
 
 def _as_float(value) -> float:

@@ -145,3 +145,18 @@ def test_the_seed_a_grid_repeats_over_is_named(tmp_path):
     ]
     assert rows[0]["HS_mean"] == 60.0
     assert "Repeats vary: finetune.sample_seed." in (sweep / "table.md").read_text()
+
+
+def test_rows_keep_the_grids_order():
+    """An experiment file lists a paper table's rows in the paper's order: the report keeps it."""
+    from orchestration.sweep_report import Point, summarize
+
+    points = [
+        Point({"defense": d, "harmful_ratio": r, "seed": "0"}, "missing")
+        for d in ("sft", "vaccine", "booster", "antidote")
+        for r in ("0.2", "0.1")
+    ]
+    rows = summarize(points)
+    assert [(r["row"], r["harmful_ratio"]) for r in rows] == [
+        (d, r) for d in ("sft", "vaccine", "booster", "antidote") for r in ("0.1", "0.2")
+    ]
