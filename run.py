@@ -32,7 +32,8 @@ log = logging.getLogger("run")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def main(cfg: DictConfig) -> dict | None:
+    """The run's results (what a sweeper such as hydra/sweeper=optuna reads its objectives from)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
@@ -48,16 +49,16 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(2)
     if is_main():
         print_summary(results)
-    return results.get("harmful_score")
+    return results
 
 
-def run_grid_point(cfg: DictConfig, run_dir: Path) -> float | None:
+def run_grid_point(cfg: DictConfig, run_dir: Path) -> dict | None:
     """One point of a multirun: skipped if it finished before with the same config; a failure is
     recorded in failed.json and the sweep goes on (orchestration/sweep.py)."""
     done = broadcast(finished(run_dir, point_key(cfg)))  # rank 0 decides, before anyone writes
     if done is not None:
         log.info("skipped %s: finished before with the same config", run_dir)
-        return done.get("harmful_score")
+        return done
     if is_main():
         clear_failure(run_dir)
         (run_dir / RESULTS).unlink(missing_ok=True)  # a stale result of another config
@@ -70,7 +71,7 @@ def run_grid_point(cfg: DictConfig, run_dir: Path) -> float | None:
         return None
     if is_main():
         print_summary(results)
-    return results.get("harmful_score")
+    return results
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ LAYERS = {
     "callbacks": 1,
     "orchestration": 2,
     "run": 3,
+    "hydra_plugins": 3,  # hydra/sweeper=optuna: beside run.py, as Hydra requires of plugins
 }
 
 

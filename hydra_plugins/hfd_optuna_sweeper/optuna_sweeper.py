@@ -1,0 +1,197 @@
+"""`hydra/sweeper=optuna`: tune a defense's hyperparameters with an Optuna study, every trial one
+`run.py` point launched by the configured Hydra launcher (basic, joblib, submitit, slurm).
+
+Why not hydra-optuna-sweeper: its last release (1.3.0) pins optuna < 3, and optuna 2.10 cannot
+create a SQLite study with SQLAlchemy 2, which the rest of this stack installs. This sweeper
+drives a current optuna through Hydra's own Sweeper interface instead (Hydra requires plugins to
+live in the `hydra_plugins` package).
+
+The study lives in SQLite (`storage`) under the sweep directory: running the same command again
+continues it up to `n_trials` finished trials, and each trial's run directory is a grid point
+like any other (a trial whose point finished before is read back, not rerun). The objectives
+are results.json metrics, each with its direction (default: lowest HS, highest FA, a
+two-objective study whose Pareto front is written to <sweep>/tuning.json).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import CompactHydraException
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+KINDS = ("float", "int", "categorical")
+
+
+class OptunaSearchError(CompactHydraException):
+    """A search that cannot run: Hydra prints the message alone (no traceback) and exits 1."""
+
+
+DIRECTIONS = ("minimize", "maximize")
+
+
+def search_space_problems(space: dict, config: DictConfig, objectives: dict) -> list[str]:
+    """Every problem of a search space and its objectives, before anything runs or is written."""
+    problems = []
+    if not space:
+        problems.append("hydra.sweeper.search_space is empty: name at least one key to tune")
+    for key, spec in (space or {}).items():
+        if OmegaConf.select(config, key, default="<missing>") == "<missing>":
+            problems.append(
+                f"search_space key '{key}' is not a key of the composed config (a typo, or a key of "
+                "a defense part that this run does not use?)"
+            )
+        kind = (spec or {}).get("type")
+        if kind not in KINDS:
+            problems.append(f"search_space '{key}': type={kind!r} must be one of {list(KINDS)}")
+        elif kind == "categorical" and not spec.get("choices"):
+            problems.append(f"search_space '{key}': a categorical needs choices: [...]")
+        elif kind != "categorical" and not (
+            "low" in spec and "high" in spec and spec["low"] < spec["high"]
+        ):
+            problems.append(f"search_space '{key}': {kind} needs low < high")
+    for metric, direction in (objectives or {}).items():
+        if direction not in DIRECTIONS:
+            problems.append(
+                f"objective '{metric}': direction {direction!r} must be one of {DIRECTIONS}"
+            )
+    if not objectives:
+        problems.append("hydra.sweeper.objectives is empty: e.g. {harmful_score: minimize}")
+    return problems
+
+
+def suggest(trial, space: dict) -> list[str]:
+    """The trial's overrides, one per searched key."""
+    overrides = []
+    for key, spec in space.items():
+        if spec["type"] == "float":
+            value = trial.suggest_float(key, spec["low"], spec["high"], log=spec.get("log", False))
+        elif spec["type"] == "int":
+            value = trial.suggest_int(key, spec["low"], spec["high"], log=spec.get("log", False))
+        else:
+            value = trial.suggest_categorical(key, list(spec["choices"]))
+        overrides.append(f"{key}={value}")
+    return overrides
+
+
+class OptunaSweeper(Sweeper):
+    def __init__(
+        self,
+        search_space: dict,
+        objectives: dict,
+        n_trials: int,
+        storage: str,
+        study_name: str,
+        seed: int = 0,
+        n_jobs: int = 1,
+    ):
+        super().__init__()
+        self.search_space = dict(search_space or {})
+        self.objectives = dict(objectives or {})
+        self.n_trials, self.storage, self.study_name = n_trials, storage, study_name
+        self.seed, self.n_jobs = seed, n_jobs
+        self.config: DictConfig | None = None
+        self.launcher = None
+        self.hydra_context: HydraContext | None = None
+
+    def setup(
+        self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
+    ) -> None:
+        from hydra.core.plugins import Plugins
+
+        self.hydra_context, self.config = hydra_context, config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
+
+    def fixed_overrides(self, arguments: list[str]) -> list[str]:
+        parsed = OverridesParser.create().parse_overrides(arguments)
+        swept = [o.input_line for o in parsed if o.is_sweep_override()]
+        if swept:
+            raise OptunaSearchError(
+                f"hydra/sweeper=optuna takes fixed overrides only; {swept} sweep several values: "
+                "put the key in hydra.sweeper.search_space instead"
+            )
+        return [o.input_line for o in parsed]
+
+    def sweep(self, arguments: list[str]) -> Any:
+        import optuna
+
+        problems = search_space_problems(self.search_space, self.config, self.objectives)
+        if problems:  # before the study or any run directory exists
+            raise OptunaSearchError("invalid Optuna search:\n  - " + "\n  - ".join(problems))
+        fixed = self.fixed_overrides(list(arguments))
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        study = optuna.create_study(
+            study_name=self.study_name,
+            storage=self.storage,
+            directions=list(self.objectives.values()),
+            sampler=optuna.samplers.TPESampler(seed=self.seed),
+            load_if_exists=True,
+        )
+        for stale in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
+            study.tell(stale.number, state=optuna.trial.TrialState.FAIL)  # a killed earlier sweep
+        # a continued study draws on from where it was, not the first trials' values again
+        study.sampler = optuna.samplers.TPESampler(seed=self.seed + len(study.trials))
+        while True:
+            finished = len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
+            if finished >= self.n_trials:
+                break
+            trials = [study.ask() for _ in range(min(self.n_jobs, self.n_trials - finished))]
+            batch = [fixed + suggest(t, self.search_space) for t in trials]
+            self.validate_batch_is_legal(batch)
+            returns = self.launcher.launch(batch, initial_job_idx=trials[0].number)
+            for trial, job in zip(trials, returns):
+                self.tell(study, trial, job)
+        self.write_summary(study, sweep_dir / "tuning.json")
+        return study
+
+    def tell(self, study, trial, job) -> None:
+        import optuna
+
+        try:
+            results = job.return_value
+        except Exception as err:  # the job raised: a failed trial, the study goes on
+            log.error("trial %d failed: %s", trial.number, err)
+            results = None
+        if not results or any(results.get(m) is None for m in self.objectives):
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            return
+        study.tell(trial, [float(results[m]) for m in self.objectives])
+
+    def write_summary(self, study, path: Path) -> None:
+        """Every trial and the best ones (the Pareto front with several objectives)."""
+        import optuna
+
+        def row(t):
+            return {
+                "number": t.number,
+                "params": t.params,
+                "values": t.values,
+                "state": t.state.name,
+            }
+
+        complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+        summary = {
+            "study_name": self.study_name,
+            "storage": self.storage,
+            "objectives": self.objectives,
+            "best": [row(t) for t in study.best_trials] if complete else [],
+            "trials": [row(t) for t in study.trials],
+        }
+        path.write_text(json.dumps(summary, indent=2) + "\n")
+        log.info(
+            "Optuna study %s: %d finished trials; best: %s",
+            self.study_name,
+            len(complete),
+            summary["best"],
+        )

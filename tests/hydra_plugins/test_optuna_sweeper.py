@@ -1,0 +1,104 @@
+"""hydra/sweeper=optuna (hydra_plugins/hfd_optuna_sweeper): a two-objective study of Panacea's ρ on
+the tiny model, stored in SQLite and continued by the same command; a bad search space refused
+before anything is written."""
+
+import json
+
+import pytest
+
+from helpers.configs import run_tiny
+
+
+def study(path):
+    import optuna
+
+    return optuna.load_study(study_name="tune_panacea_rho", storage=f"sqlite:///{path}")
+
+
+@pytest.mark.e2e
+def test_study_is_stored_and_continued(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = [
+        "-m",
+        "experiment=tune_panacea_rho",
+        "defense.finetune.harmful_batch_size=4",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    first = run_tiny(tmp_path, *args, "hydra.sweeper.n_trials=2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    trials = study(sweep / "optuna.db").trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    for t in trials:  # each trial's values are its run's results.json metrics
+        run_dir = next(
+            d
+            for d in sweep.iterdir()
+            if (d / "results.json").is_file()
+            and json.loads((d / "results.json").read_text())["stage_config"]["finetune"]["module"][
+                "rho"
+            ]
+            == pytest.approx(t.params["defense.finetune.rho"])
+        )
+        results = json.loads((run_dir / "results.json").read_text())
+        assert t.values == [results["harmful_score"], results["finetune_accuracy"]]
+        assert 0.01 <= t.params["defense.finetune.rho"] <= 1.0
+    summary = json.loads((sweep / "tuning.json").read_text())
+    assert len(summary["trials"]) == 2 and summary["best"]
+
+    again = run_tiny(tmp_path, *args, "hydra.sweeper.n_trials=3")  # continues: one more trial
+    assert again.returncode == 0, again.stderr[-2000:]
+    trials = study(sweep / "optuna.db").trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 3
+    assert len([d for d in sweep.iterdir() if (d / "results.json").is_file()]) == 3
+
+
+def test_bad_search_space_is_refused_before_anything_is_written(tmp_path):
+    experiments = tmp_path / "conf" / "experiment"
+    experiments.mkdir(parents=True)
+    (experiments / "bad_tune.yaml").write_text(
+        "# @package _global_\n"
+        "defaults:\n  - tune_panacea_rho\n"
+        "hydra:\n  sweeper:\n    search_space:\n"
+        "      defense.finetune.rh: {type: float, low: 0.1, high: 1.0}\n"
+        "      defense.finetune.lam: {type: uniform, low: 0.1, high: 1.0}\n"
+    )
+    sweep = tmp_path / "sweep"
+    result = run_tiny(
+        tmp_path,
+        "-m",
+        "experiment=bad_tune",
+        f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert result.returncode == 1
+    assert (
+        "search_space key 'defense.finetune.rh' is not a key of the composed config"
+        in result.stderr
+    )
+    assert "'defense.finetune.lam': type='uniform' must be one of" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not sweep.exists() and not (tmp_path / "cache").exists()
+
+
+def test_search_space_problems_name_each_bad_entry():
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.hfd_optuna_sweeper.optuna_sweeper import search_space_problems
+
+    cfg = OmegaConf.create({"defense": {"finetune": {"rho": 1.0}}})
+    assert (
+        search_space_problems(
+            {"defense.finetune.rho": {"type": "float", "low": 0.01, "high": 1.0}},
+            cfg,
+            {"harmful_score": "minimize"},
+        )
+        == []
+    )
+    problems = search_space_problems(
+        {"defense.finetune.rho": {"type": "int", "low": 3, "high": 1}},
+        cfg,
+        {"harmful_score": "lowest"},
+    )
+    assert problems == [
+        "search_space 'defense.finetune.rho': int needs low < high",
+        "objective 'harmful_score': direction 'lowest' must be one of ('minimize', 'maximize')",
+    ]
