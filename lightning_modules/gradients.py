@@ -67,23 +67,6 @@ def clip_to_global_norm_(grads: list[torch.Tensor], max_norm: float) -> torch.Te
 
 
 @contextmanager
-def moved(params: list[torch.nn.Parameter], steps: list[torch.Tensor]) -> Iterator[None]:
-    """Inside the block every parameter is moved in place by its step (w ← w + step); on exit it
-    is restored bit-exactly from a copy (subtracting the step again would round differently).
-    A model copy would do the same with all the frozen weights twice in memory."""
-    backup = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, step in zip(params, steps, strict=True):
-            p.add_(step)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for p, w in zip(params, backup):
-                p.copy_(w)
-
-
-@contextmanager
 def holding(params: list[torch.nn.Parameter], values: list[torch.Tensor]) -> Iterator[None]:
     """Inside the block every parameter holds the given value; on exit its own value is restored
     bit-exactly from a copy (LDIFS's reference model: the same base with the adapter's starting
@@ -98,3 +81,12 @@ def holding(params: list[torch.nn.Parameter], values: list[torch.Tensor]) -> Ite
         with torch.no_grad():
             for p, w in zip(params, backup):
                 p.copy_(w)
+
+
+def moved(params: list[torch.nn.Parameter], steps: list[torch.Tensor]):
+    """Inside the block every parameter is moved by its step (w ← w + step); on exit it is
+    restored bit-exactly from a copy (subtracting the step again would round differently). A model
+    copy would do the same with all the frozen weights twice in memory."""
+    with torch.no_grad():
+        values = [p.detach() + step for p, step in zip(params, steps, strict=True)]
+    return holding(params, values)
