@@ -142,7 +142,9 @@ def test_alignment_baselines_run_the_pipeline(tiny_cfg, tmp_path, defense):
 
 
 def test_ldifs_regularizes_inside_the_pipeline(tiny_cfg, tmp_path):
-    results = run_module.run(tiny_cfg("defense=ldifs", "defense.finetune.rho=0.5"), tmp_path / "run")
+    results = run_module.run(
+        tiny_cfg("defense=ldifs", "defense.finetune.rho=0.5"), tmp_path / "run"
+    )
     assert results["defense_parts"]["finetune"] == "LDIFSModule"
     assert results["finetune_adapter"] == "new" and "harmful_score" in results
     assert results["stage_config"]["finetune"]["module"]["drop_above"] == 0.1
