@@ -29,8 +29,8 @@ import torch
 
 from lightning_modules.causal_lm import CausalLMModule
 from lightning_modules.checks import nonnegative_problems, raise_problems
-from lightning_modules.gradients import holding
-from lightning_modules.vaccine import forward_hooks, hooked_modules
+from lightning_modules.gradients import full, holding
+from lightning_modules.hooks import hooked_modules, recording_outputs
 from plumbing.models import trainable
 
 
@@ -65,14 +65,7 @@ class LDIFSModule(CausalLMModule):
         """Every decoder layer's MLP output, and the batch loss, from one forward pass."""
         mlps = hooked_modules(self.model, "mlp")
         outputs: list = [None] * len(mlps)
-
-        def hook_for(index):
-            def hook(module, args, output):
-                outputs[index] = output[0] if isinstance(output, tuple) else output
-
-            return hook
-
-        with forward_hooks(mlps, hook_for):
+        with recording_outputs(mlps, outputs):
             loss = self.batch_loss(batch)
         return outputs, loss
 
@@ -101,8 +94,6 @@ class LDIFSModule(CausalLMModule):
         return loss + regularizer
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        from lightning_modules.gradients import full
-
         checkpoint["ldifs_start"] = {n: full(t).cpu() for n, t in self.start.items()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from datamodules.formatting import collate
+from lightning_modules.hooks import forward_hooks
 from plumbing.errors import InputError
 from plumbing.models import trainable
 
@@ -67,31 +69,29 @@ def input_second_moments(
 ) -> dict[str, torch.Tensor]:
     """s_j = (1/|C|)·Σ_sequences Σ_tokens x_j², the input feature j of each module over the real
     (attention mask 1) tokens of every calibration sequence, in float32: Wanda's activation term."""
-    sums = {name: torch.zeros(m.in_features) for name, m in modules.items()}
+    names = list(modules)
+    sums = [torch.zeros(modules[n].in_features) for n in names]
     n_sequences = 0
     mask: torch.Tensor | None = None
 
-    def hook_for(name):
+    def hook_for(index):
         def hook(module, args, output):
             x = args[0].detach().float() * mask.unsqueeze(-1)
-            sums[name] += x.pow(2).sum(dim=(0, 1)).cpu()
+            sums[index] += x.pow(2).sum(dim=(0, 1)).cpu()
 
         return hook
 
-    handles = [m.register_forward_hook(hook_for(n)) for n, m in modules.items()]
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), forward_hooks([modules[n] for n in names], hook_for):
             for batch in batches:
                 mask = batch["attention_mask"].float()
                 model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
                 n_sequences += batch["input_ids"].size(0)
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
-    return {name: s / max(n_sequences, 1) for name, s in sums.items()}
+    return {name: s / max(n_sequences, 1) for name, s in zip(names, sums)}
 
 
 def rows_to_zero(scores: torch.Tensor, ratio: float) -> torch.Tensor:
@@ -162,8 +162,6 @@ class AntidotePrune:
         }
 
     def calibration_batches(self, device: torch.device):
-        from datamodules.formatting import collate
-
         encoded = [
             self.formatter.encode(self.formatter.prompt(p.prompt), p.answer) for p in self.pairs
         ]

@@ -59,6 +59,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lightning_modules.causal_lm import DefenderBatchesModule
+from lightning_modules.checks import nonnegative_problems
+from lightning_modules.hooks import decoder_stack, hooked_modules, recording_outputs
 from plumbing.errors import InputError
 from plumbing.models import trainable
 
@@ -70,19 +72,7 @@ FINAL_NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "fina
 def hyperparameter_problems(values: dict) -> list[str]:
     """Messages for bad alpha / beta / ascent_mean among `values` (keys absent: the defaults);
     checked on the config before any model loads, and by the constructor."""
-    problems = []
-    for key, role in (
-        ("alpha", "weight α of the ascent term −α·log(H̄); the Booster runs use 0.1"),
-        ("beta", "weight β of the noise (MMD) term; the Booster runs use 0.001"),
-    ):
-        if key not in values:
-            continue
-        value = values[key]
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not (number and value >= 0):
-            problems.append(
-                f"{key}={value!r} must be a number >= 0 (the {role}); set {key}: 0 to drop the term"
-            )
+    problems = nonnegative_problems(values, ("alpha", "beta"))
     if "ascent_mean" in values and values["ascent_mean"] not in ASCENT_MEANS:
         problems.append(
             f"ascent_mean={values['ascent_mean']!r} must be one of {list(ASCENT_MEANS)} "
@@ -174,29 +164,19 @@ def noise_term(
 # --- the model's parts -----------------------------------------------------------------------------
 def decoder_parts(model: nn.Module) -> tuple[list[nn.Module], nn.Module, nn.Module]:
     """(the MLP of every decoder layer, the final norm, the lm_head), found by structure: the
-    decoder layers are the nn.ModuleList of config.num_hidden_layers modules that each have a
-    child named `mlp`; the final norm is a sibling of that list (`norm`, `ln_f`, ...)."""
-    config = getattr(model, "config", None)
-    n_layers = getattr(config, "num_hidden_layers", None)
-    if n_layers is None and hasattr(config, "get_text_config"):
-        n_layers = getattr(config.get_text_config(), "num_hidden_layers", None)
+    decoder layers' `mlp` children (lightning_modules/hooks.py), the final norm a sibling of the
+    layers' list (`norm`, `ln_f`, ...), the output embeddings."""
+    owner, _ = decoder_stack(model)
+    mlps = hooked_modules(model, "mlp")
+    norm = next((getattr(owner, n) for n in FINAL_NORM_NAMES if hasattr(owner, n)), None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    for name, module in model.named_modules():
-        if not (isinstance(module, nn.ModuleList) and len(module) == n_layers):
-            continue
-        mlps = [dict(layer.named_children()).get("mlp") for layer in module]
-        if any(mlp is None for mlp in mlps):
-            continue
-        owner = model.get_submodule(name.rpartition(".")[0])
-        norms = [getattr(owner, n) for n in FINAL_NORM_NAMES if hasattr(owner, n)]
-        if norms and isinstance(norms[0], nn.Module) and isinstance(head, nn.Module):
-            return mlps, norms[0], head
-    raise InputError(
-        f"defense=repnoise cannot find this model's decoder layers with an `mlp` child "
-        f"(an nn.ModuleList of config.num_hidden_layers={n_layers} modules), a final norm beside "
-        f"them (one of {list(FINAL_NORM_NAMES)}) and an lm_head (get_output_embeddings()); "
-        "use a decoder-only HF causal LM (Llama, Qwen2, Mistral, Gemma, ...)"
-    )
+    if not (isinstance(norm, nn.Module) and isinstance(head, nn.Module)):
+        raise InputError(
+            f"defense=repnoise needs a final norm beside the decoder layers (one of "
+            f"{list(FINAL_NORM_NAMES)}) and an lm_head (get_output_embeddings()); use a "
+            "decoder-only HF causal LM (Llama, Qwen2, Mistral, Gemma, ...)"
+        )
+    return mlps, norm, head
 
 
 class RepNoiseModule(DefenderBatchesModule):
@@ -275,22 +255,12 @@ class RepNoiseModule(DefenderBatchesModule):
         mask_s = difference_mask(harmless, harmful)
 
         captured: list[torch.Tensor | None] = [None] * len(mlps)
-
-        def capture(index, module, args, output):
-            captured[index] = output[0] if isinstance(output, tuple) else output
-
-        handles = []
-        try:
-            for i, mlp in enumerate(mlps):
-                handles.append(mlp.register_forward_hook(partial(capture, i)))
+        with recording_outputs(mlps, captured):
             out = self.model(
                 input_ids=harmful["input_ids"],
                 attention_mask=harmful["attention_mask"],
                 output_hidden_states=True,
             )
-        finally:
-            for handle in handles:
-                handle.remove()
         if len(out.hidden_states) != len(mlps) + 1:
             raise InputError(
                 f"defense=repnoise expects {len(mlps) + 1} hidden states (embeddings and one per "

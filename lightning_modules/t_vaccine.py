@@ -28,11 +28,10 @@ import torch
 
 from lightning_modules.causal_lm import DefenderBatchesModule
 from lightning_modules.checks import batch_size_problems, raise_problems
+from lightning_modules.hooks import hooked_modules, recording_output_grads
 from lightning_modules.vaccine import (
     global_perturbation,
     hook_problems,
-    hooked_modules,
-    recording_output_grads,
     refuse_gradient_checkpointing,
     two_pass_gradients,
 )
@@ -46,7 +45,7 @@ class TVaccineModule(DefenderBatchesModule):
     switch_every: J, steps between two draws of the layers (reference 20).
     probe_every: K, steps between two probes of the layer probabilities (reference 200).
     probe_batch_size: defender's harmful samples per probe and process (reference 1).
-    hook_target: which output of each decoder layer is perturbed (vaccine.py HOOK_TARGETS).
+    hook_target: which output of each decoder layer is perturbed (hooks.py HOOK_TARGETS).
     layer_seed: seeds the draws of the layers, with the step."""
 
     defense_name = "t_vaccine"

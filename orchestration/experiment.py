@@ -60,14 +60,15 @@ class Experiment:
         self.n_harmful, self.n_benign = check_poison_counts(
             self.task, self.splits, poisoned.n, poisoned.harmful_ratio
         )
-        self.check_defender_pool()
+        self.check_parts_against_data()
         self.model = self.tokenizer = self.formatter = None
         self.merged_adapters: list[tuple[dict, int]] = []  # (adapter state, seed of the next one)
         self.finetune_module = None  # set by the finetune stage; a post transform may read it
         self.tracker = Tracker()  # run() sets the configured one once the input is checked
 
-    def check_defender_pool(self) -> None:
-        """A defense part that draws defender-held harmful batches needs a pool at least that large."""
+    def check_parts_against_data(self) -> None:
+        """Before the model loads: a part that draws defender-held batches or calibrates on them
+        needs a pool that large, and a part's own `data_problems(values, splits)` must be empty."""
         pool = len(self.splits.defender_pairs)
         for stage in ("align", "finetune"):
             part = self.cfg.defense.get(stage)

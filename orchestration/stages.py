@@ -30,6 +30,13 @@ log = logging.getLogger("run")
 ADAPTER = "adapter.safetensors"
 
 
+def instantiate_with_run_objects(node, available: dict):
+    """`instantiate(node)` plus the run's objects its class's constructor names; `available` maps
+    each name to a function that makes the object (only the named ones are made)."""
+    wanted = inspect.signature(get_class(node._target_)).parameters
+    return instantiate(node, **{k: make() for k, make in available.items() if k in wanted})
+
+
 def build_callbacks(exp: Experiment, stage: str) -> list:
     """The configured callbacks (conf/callbacks/) whose `stages` include `stage`. A callback gets,
     besides its config, the run's objects its constructor names: `folder` (the stage's
@@ -39,15 +46,11 @@ def build_callbacks(exp: Experiment, stage: str) -> list:
         "evaluation_data": exp.evaluation_data,
         "judge": lambda: instantiate(exp.cfg.judge),
     }
-    built = []
-    for cb_cfg in (exp.cfg.get("callbacks") or {}).values():
-        if cb_cfg is None or stage not in cb_cfg.stages:
-            continue
-        wanted = inspect.signature(get_class(cb_cfg._target_)).parameters
-        built.append(
-            instantiate(cb_cfg, **{k: make() for k, make in available.items() if k in wanted})
-        )
-    return built
+    return [
+        instantiate_with_run_objects(cb_cfg, available)
+        for cb_cfg in (exp.cfg.get("callbacks") or {}).values()
+        if cb_cfg is not None and stage in cb_cfg.stages
+    ]
 
 
 def stage_align(exp: Experiment, results: dict) -> None:
@@ -153,10 +156,12 @@ def stage_post(exp: Experiment, results: dict) -> None:
     (`before_post_*` in results.json), so one run shows what the transform buys.
     """
     if exp.cfg.post is not None:
-        run_objects = {"defender_pairs": exp.splits.defender_pairs, "formatter": exp.formatter}
-        wanted = inspect.signature(get_class(exp.cfg.post._target_)).parameters
-        transform = instantiate(
-            exp.cfg.post, **{k: v for k, v in run_objects.items() if k in wanted}
+        transform = instantiate_with_run_objects(
+            exp.cfg.post,
+            {
+                "defender_pairs": lambda: exp.splits.defender_pairs,
+                "formatter": lambda: exp.formatter,
+            },
         )
         if "eval" in exp.cfg.stages:
             before = run_eval(exp, exp.run_dir / "generations_before_post.jsonl", tag="before_post")

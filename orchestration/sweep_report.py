@@ -184,8 +184,8 @@ def summarize(points: list[Point], level: float = DEFAULT_LEVEL) -> list[dict]:
         row["errors"] = "; ".join(sorted({p.error for p in group if p.error}))
         rows.append(row)
     # rows in the grid's own order (an experiment file lists a paper table's rows in its order)
-    first_seen = {label: i for i, label in reversed(list(enumerate(r["row"] for r in rows)))}
-    return sorted(rows, key=lambda r: (first_seen[r["row"]], _as_float(r[COLUMN])))
+    order = list(dict.fromkeys(r["row"] for r in rows))  # labels as they first appear
+    return sorted(rows, key=lambda r: (order.index(r["row"]), _as_float(r[COLUMN])))
 
 
 def _as_float(value) -> float:

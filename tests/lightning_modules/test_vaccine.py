@@ -10,7 +10,8 @@ from helpers.alignment_baselines import (
     vaccine_setup,
 )
 from helpers.training import fit_steps
-from lightning_modules.vaccine import HOOK_TARGETS, VaccineModule, hooked_modules, perturbed_outputs
+from lightning_modules.hooks import HOOK_TARGETS, hooked_modules, perturbed_outputs
+from lightning_modules.vaccine import VaccineModule
 from plumbing.errors import InputError
 
 
