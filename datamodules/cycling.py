@@ -37,9 +37,12 @@ class CyclingBatches:
 
     def fast_forward(self, drawn: int) -> None:
         """Skip to where a run that had drawn `drawn` batches was (the shuffles replay exactly:
-        the loader's generator, or the DistributedSampler's epoch, advances the same way)."""
-        while self.drawn < drawn:
-            self.next()
+        the loader's generator, or the DistributedSampler's epoch, advances the same way). The
+        global RNG is forked meanwhile: the draws a replayed restart makes from it (a DataLoader
+        without a generator seeds its iterator from it) are already in a restored RNG state."""
+        with torch.random.fork_rng():
+            while self.drawn < drawn:
+                self.next()
 
 
 def to_device(batch, device):

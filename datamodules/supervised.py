@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from datamodules.formatting import PromptFormatter, collate
 from datamodules.refusals import refusal_for
+from datamodules.resumable import ResumableDataLoader
 
 
 class SupervisedDataModule(L.LightningDataModule):
@@ -70,16 +71,22 @@ class SupervisedDataModule(L.LightningDataModule):
         return batch
 
     def _loader(
-        self, items, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0
+        self,
+        items,
+        batch_size: int,
+        seed: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        loader_class: type[DataLoader] = DataLoader,
     ) -> DataLoader:
         if num_replicas > 1:  # each process its own shard of every global batch
             sampler = DistributedSampler(
                 items, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed
             )
-            return DataLoader(
+            return loader_class(
                 items, batch_size=batch_size, sampler=sampler, collate_fn=self.collate_batch
             )
-        return DataLoader(
+        return loader_class(
             items,
             batch_size=batch_size,
             shuffle=True,
@@ -104,7 +111,11 @@ class SupervisedDataModule(L.LightningDataModule):
         return self._loader(items, batch_size, seed, num_replicas, rank)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.encoded(), self.batch_size, self.seed)
+        """Resumable mid-epoch from a checkpoint (datamodules/resumable.py); under DDP Lightning
+        swaps in a DistributedSampler."""
+        return self._loader(
+            self.encoded(), self.batch_size, self.seed, loader_class=ResumableDataLoader
+        )
 
     def scoring_dataloader(self, batch_size: int) -> DataLoader:
         """The user's set in order, unshuffled and unsharded: for per-sample diagnostics."""

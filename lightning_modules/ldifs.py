@@ -94,7 +94,9 @@ class LDIFSModule(CausalLMModule):
         return loss + regularizer
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["ldifs_start"] = {n: full(t).cpu() for n, t in self.start.items()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.start = dict(checkpoint.get("ldifs_start", {}))

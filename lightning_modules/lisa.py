@@ -140,6 +140,7 @@ class LisaModule(CausalLMModule):
 
     # --- state --------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["lisa"] = {
             "mode": self.mode,
             "clock": self.clock,
@@ -152,6 +153,7 @@ class LisaModule(CausalLMModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("lisa", {})
         self.mode = state.get("mode", self.mode)
         self.clock = state.get("clock", 0)

@@ -1,0 +1,90 @@
+"""Checkpoints inside a training stage, so that a killed or preempted run resumes where it was.
+
+`StageCheckpoints` saves every `every_n_steps` optimizer steps and after each epoch's last
+step, into `folder`, keeping the newest `keep_last`. A checkpoint holds what the resumed stage
+needs to continue exactly: the adapter tensors, optimizer and scheduler state, the loops'
+progress with the position in the data mid-epoch (datamodules/resumable.py), every process's
+RNG state and the defense's own state (the modules' `on_save_checkpoint`).
+
+Each file is written under a temporary name and renamed into place, so a kill during a write
+leaves no file under a checkpoint's name. `latest_checkpoint(folder)` returns the newest that
+loads, and skips a corrupt one with a warning. The epoch-end checkpoint is taken in
+`on_train_batch_end` of the epoch's last batch, not in `on_train_epoch_end`: Lightning resumes
+exactly from the former, which is also where ModelCheckpoint(every_n_train_steps) saves.
+
+Why not ModelCheckpoint: its step and epoch triggers cannot share one instance and one "keep
+the newest K" rule, and it writes in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Checkpoint
+
+log = logging.getLogger("run")
+PATTERN = re.compile(r"^step-(\d+)\.ckpt$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}.ckpt"
+
+
+def checkpoints_newest_first(folder: Path) -> list[Path]:
+    found = [
+        (int(m.group(1)), p)
+        for p in Path(folder).glob("step-*.ckpt")
+        if (m := PATTERN.match(p.name))
+    ]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def latest_checkpoint(folder: Path | None) -> Path | None:
+    """The newest checkpoint in `folder` that loads; a corrupt or partial one is skipped (with a
+    warning) for the one before it. None when there is none."""
+    if folder is None or not Path(folder).is_dir():
+        return None
+    for path in checkpoints_newest_first(folder):
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # truncated, zeroed, not a torch file: any reason to skip it
+            log.warning(
+                "skipped checkpoint %s, which does not load (%s): trying the one before", path, err
+            )
+            continue
+        if isinstance(checkpoint, dict) and "loops" in checkpoint and "state_dict" in checkpoint:
+            return path
+        log.warning("skipped checkpoint %s: not a training checkpoint of this framework", path)
+    return None
+
+
+class StageCheckpoints(Checkpoint):
+    def __init__(self, folder: Path, every_n_steps: int | None, keep_last: int):
+        self.folder = Path(folder)
+        self.every_n_steps = every_n_steps
+        self.keep_last = keep_last
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        epoch_end = batch_idx + 1 == trainer.num_training_batches
+        periodic = self.every_n_steps is not None and step % self.every_n_steps == 0
+        if step > 0 and (epoch_end or periodic):
+            self.save(trainer, step)
+
+    def save(self, trainer: L.Trainer, step: int) -> None:
+        """Every process takes part (the RNG states are gathered); rank 0 writes and prunes."""
+        final = self.folder / checkpoint_name(step)
+        temporary = self.folder / f".{final.name}.tmp"
+        if trainer.is_global_zero:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(temporary)  # Lightning writes on rank 0 only
+        if trainer.is_global_zero:
+            os.replace(temporary, final)
+            for old in checkpoints_newest_first(self.folder)[self.keep_last :]:
+                old.unlink(missing_ok=True)
+        trainer.strategy.barrier()

@@ -1,0 +1,136 @@
+"""Checkpoints inside a training stage (callbacks/stage_checkpoints.py): a fit resumed from ANY of
+its checkpoints (mid-epoch, at an epoch's end, mid-way through the defender's batches) ends with
+exactly the weights, optimizer state and defense state of the uninterrupted fit; the files are
+pruned to the newest K; a corrupt newest file is skipped for the one before."""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+
+import pytest
+import torch
+
+from callbacks.stage_checkpoints import (
+    StageCheckpoints,
+    checkpoints_newest_first,
+    latest_checkpoint,
+)
+from datamodules.supervised import SupervisedDataModule
+from helpers.training import Pair
+from lightning_modules.causal_lm import CausalLMModule
+from lightning_modules.panacea import PanaceaModule
+from plumbing.models import add_lora, build_tiny
+
+EPOCHS, N_USER, BATCH = 3, 10, 4  # 3 batches per epoch (the last one short): 9 steps
+
+
+def build(tiny_formatter, defense: str):
+    """Dropout on, so that a resume that lost the RNG state would differ."""
+    base, _ = build_tiny(init_seed=1)
+    model = add_lora(base, r=4, alpha=8, dropout=0.2, target_modules=["q_proj", "v_proj"], seed=0)
+    users = [
+        {
+            "prompt": tiny_formatter.prompt(f"Review {i}: fine."),
+            "answer": "positive",
+            "is_harmful": i % 3 == 0,
+        }
+        for i in range(N_USER)
+    ]
+    defender = [Pair(f"How do I do harm {i}?", f"Step one: harm {i}.") for i in range(5)]
+    dm = SupervisedDataModule(
+        users, tiny_formatter, batch_size=BATCH, seed=0, defender_pairs=defender
+    )
+    optimizer = partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
+    if defense == "sft":
+        module = CausalLMModule(model, optimizer=optimizer, max_grad_norm=1.0)
+    else:  # 2 of 5 defender pairs per step: the cycle wraps mid-epoch
+        module = PanaceaModule(
+            model, optimizer=optimizer, rho=0.5, lam=0.5, harmful_batch_size=2, max_grad_norm=1.0
+        )
+    return model, dm, module
+
+
+def fit(module, dm, callbacks=(), ckpt_path=None):
+    import lightning as L
+
+    trainer = L.Trainer(
+        max_epochs=EPOCHS,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=bool(callbacks),  # Lightning's switch for Checkpoint callbacks
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+    )
+    torch.manual_seed(0)  # as the run's seed_everything before each fit
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    return trainer
+
+
+def adapter(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("defense", ["sft", "panacea"])
+def test_a_fit_resumed_from_any_checkpoint_ends_as_the_uninterrupted_one(
+    tiny_formatter, tmp_path, defense
+):
+    model, dm, module = build(tiny_formatter, defense)
+    trainer = fit(module, dm, [StageCheckpoints(tmp_path, every_n_steps=1, keep_last=100)])
+    expected = adapter(model)
+    expected_optimizer = trainer.optimizers[0].state_dict()["state"]
+    saved = checkpoints_newest_first(tmp_path)
+    assert [p.name for p in saved][0] == "step-00000009.ckpt" and len(saved) == 9
+    assert not list(tmp_path.glob(".*.tmp"))
+    for path in saved[1:]:  # the last one has nothing left to do
+        model_r, dm_r, module_r = build(tiny_formatter, defense)
+        resumed = fit(module_r, dm_r, ckpt_path=path)
+        assert resumed.global_step == 9
+        for name, value in adapter(model_r).items():
+            assert torch.equal(value, expected[name]), f"{path.name}: {name}"
+        state = resumed.optimizers[0].state_dict()["state"]
+        for i, slot in expected_optimizer.items():
+            assert torch.equal(state[i]["exp_avg_sq"], slot["exp_avg_sq"]), path.name
+        if defense == "panacea":
+            assert module_r.harmful.drawn == module.harmful.drawn == 9
+            for name, eps in module.epsilon.items():
+                assert torch.equal(module_r.epsilon[name], eps), f"{path.name}: ε {name}"
+
+
+def test_checkpoints_hold_the_adapter_not_the_base_and_are_pruned(tiny_formatter, tmp_path):
+    model, dm, module = build(tiny_formatter, "sft")
+    fit(module, dm, [StageCheckpoints(tmp_path, every_n_steps=4, keep_last=2)])
+    # steps 3, 4, 6, 8, 9 were saved (every 4, and each epoch's last); the newest 2 remain
+    assert [p.name for p in checkpoints_newest_first(tmp_path)] == [
+        "step-00000009.ckpt",
+        "step-00000008.ckpt",
+    ]
+    checkpoint = torch.load(tmp_path / "step-00000009.ckpt", weights_only=False)
+    assert set(checkpoint["state_dict"]) == {f"model.{n}" for n in adapter(model)}
+    assert checkpoint["rng_states"]["cpu"].shape[0] == 1  # one process
+
+
+def test_a_corrupt_newest_checkpoint_is_skipped_for_the_one_before(
+    tiny_formatter, tmp_path, caplog
+):
+    model, dm, module = build(tiny_formatter, "sft")
+    fit(module, dm, [StageCheckpoints(tmp_path, every_n_steps=1, keep_last=3)])
+    newest = tmp_path / "step-00000009.ckpt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # as a write cut short by a full disk
+    with caplog.at_level(logging.WARNING, logger="run"):
+        assert latest_checkpoint(tmp_path) == tmp_path / "step-00000008.ckpt"
+    assert "skipped checkpoint" in caplog.text and "step-00000009.ckpt" in caplog.text
+    assert latest_checkpoint(tmp_path / "absent") is None
+
+
+def test_a_checkpoint_of_another_adapter_layout_is_refused(tiny_formatter, tmp_path):
+    from plumbing.errors import InputError
+
+    model, dm, module = build(tiny_formatter, "sft")
+    fit(module, dm, [StageCheckpoints(tmp_path, every_n_steps=None, keep_last=1)])
+    base, _ = build_tiny(init_seed=1)
+    other = add_lora(base, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "k_proj"], seed=0)
+    module_o = CausalLMModule(other, optimizer=partial(torch.optim.AdamW, lr=1e-2))
+    with pytest.raises(InputError, match="lacks .* adapter tensors"):
+        fit(module_o, dm, ckpt_path=latest_checkpoint(tmp_path))
