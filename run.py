@@ -20,7 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from evaluation.results import RESULTS
-from orchestration.stages import run
+from orchestration.stages import claim, run
 from orchestration.summary import print_summary
 from orchestration.sweep import FAILED, clear_failure, finished, point_key, record_failure
 from orchestration.validation import validate_config
@@ -59,10 +59,11 @@ def run_grid_point(cfg: DictConfig, run_dir: Path) -> dict | None:
     if done is not None:
         log.info("skipped %s: finished before with the same config", run_dir)
         return done
-    if is_main():
-        clear_failure(run_dir)
-        (run_dir / RESULTS).unlink(missing_ok=True)  # a stale result of another config
     try:
+        claim(run_dir, cfg)  # a directory of another config is refused, before anything is deleted
+        if is_main():
+            clear_failure(run_dir)
+            (run_dir / RESULTS).unlink(missing_ok=True)  # unreadable, or of an older schema
         results = run(cfg, run_dir)
     except Exception as err:
         if is_main():

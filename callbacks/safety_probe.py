@@ -63,6 +63,14 @@ class SafetyProbe(L.Callback):
         self.judge = judge
         self.rows: list[dict] = []
         self._harmful_batch: dict | None = None
+        self._resumed = False
+
+    def state_dict(self) -> dict:
+        """Saved with each checkpoint inside the stage: a resumed fit keeps the earlier rows."""
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rows, self._resumed = list(state["rows"]), True
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = trainer.datamodule
@@ -74,7 +82,8 @@ class SafetyProbe(L.Callback):
         self._harmful_batch = datamodule.collate_batch(
             [{k: v for k, v in i.items() if k != "refusal"} for i in items]
         )
-        self.probe(trainer, pl_module)
+        if not self._resumed:  # the probe before the first step
+            self.probe(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step % self.every_n_steps == 0:

@@ -69,6 +69,28 @@ class StageCheckpoints(Checkpoint):
         self.every_n_steps = every_n_steps
         self.keep_last = keep_last
 
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict) -> None:
+        """Every process's torch RNG states, stacked by rank: dropout draws from them. A
+        collective under DDP; every rank saves."""
+
+        def by_rank(state: torch.Tensor) -> torch.Tensor:
+            gathered = pl_module.all_gather(state.to(pl_module.device)).cpu()
+            return gathered if trainer.world_size > 1 else gathered.unsqueeze(0)
+
+        cuda = pl_module.device.type == "cuda"
+        checkpoint["rng_states"] = {
+            "cpu": by_rank(torch.get_rng_state()),
+            "cuda": by_rank(torch.cuda.get_rng_state()) if cuda else None,
+        }
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict) -> None:
+        """Each process gets its own RNG states back (Lightning restores this before the first
+        resumed batch; the data replay does not draw from them)."""
+        states, rank = checkpoint["rng_states"], trainer.global_rank
+        torch.set_rng_state(states["cpu"][rank])
+        if states["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(states["cuda"][rank])
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         epoch_end = batch_idx + 1 == trainer.num_training_batches

@@ -79,7 +79,10 @@ class RunInfo(BaseModel):
     post_summary: dict | None = (
         None  # what the post transform reports (e.g. Antidote's pruned fraction)
     )
-    seconds: dict[str, float]  # wall time per stage / evaluation
+    seconds: dict[str, float]  # wall time per stage / evaluation (the part this process ran)
+    finetuned_adapter_cached: str | None = None  # the fine-tuning stage's cache entry
+    reused: list[str] | None = None  # stages / evaluations found finished in the stage cache
+    resumed: dict[str, str] | None = None  # stage -> the checkpoint it resumed from
     run_dir: str
     point_key: str  # the resolved config's hash (orchestration/sweep.py)
     processes: int

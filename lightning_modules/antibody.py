@@ -296,7 +296,30 @@ class WeightedSFTModule(CausalLMModule):
         return rows
 
     def on_train_start(self) -> None:
-        self.scores_before = self.score_user_set()
+        if not self.scores_before:  # a resumed fit has them from before its first step
+            self.scores_before = self.score_user_set()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """The diagnostics' records; each process's step records (a collective under DDP)."""
+        super().on_save_checkpoint(checkpoint)
+        records = [self.step_records]
+        if self._trainer is not None and self.trainer.world_size > 1:
+            records = [None] * self.trainer.world_size
+            dist.all_gather_object(records, self.step_records)
+        checkpoint["antibody_weighting"] = {
+            "scores_before": self.scores_before,
+            "scores_after": self.scores_after,
+            "step_records_by_rank": records,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("antibody_weighting", {})
+        self.scores_before = list(state.get("scores_before", []))
+        self.scores_after = list(state.get("scores_after", []))
+        by_rank = state.get("step_records_by_rank") or [[]]
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        self.step_records = list(by_rank[rank] if len(by_rank) > 1 else by_rank[0])
 
     def on_train_end(self) -> None:
         self.scores_after = self.score_user_set()

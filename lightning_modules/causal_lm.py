@@ -153,46 +153,28 @@ class CausalLMModule(L.LightningModule):
         norm = clip_to_global_norm_(grads, self.max_grad_norm)
         self.log("train/grad_norm_before_clip", norm)
 
-    # --- checkpoints (callbacks/stage_checkpoints.py) -----------------------------------------
+    # --- checkpoints (callbacks/stage_checkpoints.py; it also saves the RNG states) ------------
     # A checkpoint holds the trainable (adapter) tensors only: the frozen base is rebuilt from the
     # model config, and a 7B base in every checkpoint would cost 14 GB each.
     strict_loading = False
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """The adapter's tensors and every process's torch RNG state (dropout draws from it); a
-        defense adds its own state in its override and calls super()."""
+        """Keeps the adapter's tensors; a defense adds its own state (ε, λ_t, the position in the
+        defender's batches) in its override and calls super()."""
         keep = {f"model.{name}" for name in trainable(self.model)}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["rng_states"] = self._gathered_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if "state_dict" in checkpoint:
-            missing = {f"model.{name}" for name in trainable(self.model)} - set(
-                checkpoint["state_dict"]
+        if "state_dict" not in checkpoint:  # a finished stage's state (orchestration/stages.py)
+            return
+        missing = {f"model.{name}" for name in trainable(self.model)} - set(
+            checkpoint["state_dict"]
+        )
+        if missing:
+            raise InputError(
+                f"the checkpoint lacks {len(missing)} of this model's adapter tensors (e.g. "
+                f"{sorted(missing)[0]}): it was written by another model or LoRA setting"
             )
-            if missing:
-                raise InputError(
-                    f"the checkpoint lacks {len(missing)} of this model's adapter tensors (e.g. "
-                    f"{sorted(missing)[0]}): it was written by another model or LoRA setting"
-                )
-        if "rng_states" in checkpoint:
-            rank = self.trainer.global_rank if self._trainer is not None else 0
-            torch.set_rng_state(checkpoint["rng_states"]["cpu"][rank].cpu())
-            if checkpoint["rng_states"].get("cuda") is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state(checkpoint["rng_states"]["cuda"][rank].cpu())
-
-    def _gathered_rng_states(self) -> dict:
-        """Each process's RNG states, stacked by rank (a collective under DDP: every rank saves)."""
-
-        def by_rank(state: torch.Tensor) -> torch.Tensor:
-            gathered = self.all_gather(state.to(self.device)).cpu()
-            return gathered if self.trainer.world_size > 1 else gathered.unsqueeze(0)
-
-        cuda = torch.cuda.get_rng_state() if self.device.type == "cuda" else None
-        return {
-            "cpu": by_rank(torch.get_rng_state()),
-            "cuda": None if cuda is None else by_rank(cuda),
-        }
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.batch_loss(batch)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -17,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from torch.distributed.fsdp import FSDPModule
 
+from callbacks.stage_checkpoints import StageCheckpoints, latest_checkpoint
 from datamodules.evaluation import EvaluationDataModule
 from datamodules.formatting import PromptFormatter
 from datamodules.harmful import splits_from_config
@@ -24,7 +27,6 @@ from datamodules.poisoned import check_poison_counts
 from datamodules.refusals import REFUSALS
 from datamodules.retain import retain_instructions
 from datamodules.supervised import SupervisedDataModule
-from evaluation.evaluate import EVAL_VERSION
 from lightning_modules.gradients import full
 from orchestration.stage_cache import StageCache, config_key
 from orchestration.tracking import Tracker
@@ -54,6 +56,8 @@ class Experiment:
         self.run_dir = run_dir
         self.cache = StageCache(cfg.cache_dir)
         self.timings: dict[str, float] = {}
+        self.resumed: dict[str, str] = {}  # stage -> the checkpoint it resumed from
+        self.reused: list[str] = []  # stages and evaluations found finished in the stage cache
         self.task = build_task(cfg)
         self.splits = splits_from_config(plain(cfg.data))
         poisoned = cfg.finetune.datamodule  # checked here, before the model, as it will be built
@@ -146,17 +150,51 @@ class Experiment:
             }
         )
 
-    def aligned_eval_key(self) -> str:
+    def start_key(self) -> str:
+        """What the fine-tuning starts from: the alignment, or the adapter file a run that starts
+        later was given (its bytes), or the bare base model."""
         cfg = self.cfg
+        if "align" in cfg.stages:
+            return self.align_key()
+        if cfg.checkpoint == "base":
+            return config_key({"model": plain(cfg.model), "start": "base"})
+        digest = hashlib.sha256(Path(cfg.checkpoint).read_bytes()).hexdigest()
+        return config_key({"model": plain(cfg.model), "adapter_file": digest})
+
+    def finetune_key(self) -> str:
+        """Everything that determines the fine-tuned adapter (and the module's state, such as
+        Panacea's ε): where it starts, the stage's config (the defense's part, seeds, n, the
+        harmful ratio, optimizer, adapter protocol) and the data it draws from, texts included."""
+        cfg = self.cfg
+        texts = {
+            "task_train": self.task.train,
+            "user_pool": [(p.prompt, p.answer) for p in self.splits.user_pairs],
+            "defender": [(p.prompt, p.answer) for p in self.splits.defender_pairs],
+        }
         return config_key(
             {
-                "align": self.align_key(),
-                "version": EVAL_VERSION,
-                "eval": plain(cfg.eval),
-                "judge": plain(cfg.judge),
+                "start": self.start_key(),
+                "model": plain(cfg.model),
+                "data": plain(cfg.data),
                 "task": plain(cfg.task),
+                "finetune": plain(cfg.finetune),
+                "texts": config_key(texts),
             }
         )
+
+    def model_fingerprint(self) -> str:
+        """A hash of the model as it is now: its config, the adapters merged into it, and the
+        current adapter's tensors (bytes). Equal fingerprints, equal generations."""
+        digest = hashlib.sha256(json.dumps(plain(self.cfg.model), sort_keys=True).encode())
+        states = [state for state, _ in self.merged_adapters]
+        states.append({k: v.detach() for k, v in get_peft_model_state_dict(self.model).items()})
+        for state in states:
+            for name in sorted(state):
+                tensor = state[name].cpu().contiguous()
+                digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+                digest.update(tensor.view(torch.uint8).numpy().tobytes())
+            digest.update(b"|")
+        return digest.hexdigest()[:16]
 
     def retain_samples(self) -> list[dict]:
         """Benign instructions answered by the base model, cached by model and instructions.
@@ -212,7 +250,8 @@ class Experiment:
     ) -> Path:
         """The cache entry (stage, key), looked up, or made: `compute()` runs on EVERY process (it may
         train or generate together), `write(folder, computed)` on rank 0, which also holds the
-        entry's file lock throughout, so that parallel grid points build it once."""
+        entry's file lock throughout, so that parallel grid points build it once. A training
+        `compute` checkpoints into `self.cache.checkpoints(stage, key)`, removed once stored."""
         with self.cache.lock(stage, key) if is_main() else nullcontext():
             entry = broadcast(self.cache.lookup(stage, key))
             if entry is None:
@@ -224,6 +263,7 @@ class Experiment:
                         lambda folder: write(folder, computed),
                         meta=meta() if callable(meta) else meta,
                     )
+                    shutil.rmtree(self.cache.checkpoints(stage, key), ignore_errors=True)
                 entry = broadcast(entry)
         return entry
 
@@ -259,11 +299,37 @@ class Experiment:
             max_grad_norm=stage_cfg.max_grad_norm,
         )
 
-    def fit(self, stage: str, module, datamodule, stage_cfg: DictConfig, callbacks: list) -> None:
+    def fit(
+        self,
+        stage: str,
+        module,
+        datamodule,
+        stage_cfg: DictConfig,
+        callbacks: list,
+        checkpoints: Path | None = None,
+    ) -> None:
+        """Train `module` for the stage's epochs; with `checkpoints` (and checkpointing enabled),
+        save checkpoints there and resume from the newest one that loads."""
         L.seed_everything(stage_cfg.seed, workers=True, verbose=False)
         logger = self.tracker.stage_logger(stage)
+        ckpt = self.cfg.checkpointing
+        resume_from = None
+        if checkpoints is not None and ckpt.enabled:
+            callbacks = [
+                *callbacks,
+                StageCheckpoints(checkpoints, ckpt.every_n_steps, ckpt.keep_last),
+            ]
+            resume_from = broadcast(latest_checkpoint(checkpoints) if is_main() else None)
+            if resume_from is not None:
+                log.info("%s resumes from %s", stage, resume_from)
+                self.resumed[stage] = Path(resume_from).name
         trainer = L.Trainer(
-            **{**plain(self.cfg.trainer), "strategy": lightning_strategy(self.cfg.trainer)},
+            **{
+                **plain(self.cfg.trainer),
+                "strategy": lightning_strategy(self.cfg.trainer),
+                # Lightning's switch for Checkpoint callbacks (off: it would add its own)
+                "enable_checkpointing": any(isinstance(c, StageCheckpoints) for c in callbacks),
+            },
             max_epochs=stage_cfg.epochs,
             logger=logger,
             callbacks=callbacks,
@@ -272,7 +338,8 @@ class Experiment:
         )
         self.model.train()
         with self.timed(stage):
-            trainer.fit(module, datamodule=datamodule)
+            # weights_only=False: a checkpoint holds the defenses' histories (plain Python objects)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=False)
         if isinstance(self.model, FSDPModule):
             self.unshard_model()
         self.model.to(self.device)  # Lightning moves the model to the CPU when a fit ends

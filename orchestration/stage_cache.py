@@ -37,6 +37,11 @@ class StageCache:
         folder.mkdir(parents=True, exist_ok=True)
         return FileLock(folder / f"{key}.lock")
 
+    def checkpoints(self, stage: str, key: str) -> Path:
+        """Where the training of entry (stage, key) keeps its checkpoints while it is built: a
+        hidden sibling, so an unfinished entry never looks finished; removed once it is stored."""
+        return self.root / stage / f".{key}.checkpoints"
+
     def lookup(self, stage: str, key: str) -> Path | None:
         """The entry's directory if it is complete (has meta.json), else None."""
         path = self.entry(stage, key)

@@ -12,22 +12,26 @@ import logging
 import shutil
 from pathlib import Path
 
+import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
 from callbacks.diagnostics import SUMMARY
-from evaluation.evaluate import evaluate_model
+from evaluation.evaluate import EVAL_VERSION, evaluate_model
 from evaluation.results import RESULTS, validate_results, write_results
 from orchestration.experiment import Experiment, plain
-from orchestration.sweep import point_key
+from orchestration.stage_cache import config_key
+from orchestration.sweep import claim_run_dir, point_key
 from orchestration.tracking import Tracker, make_tracker
 from orchestration.validation import validate_config
 from plumbing import environment
-from plumbing.distributed import is_main, world_size
+from plumbing.distributed import broadcast, is_main, world_size
+from plumbing.errors import InputError
 from plumbing.models import load_adapter, save_adapter
 
 log = logging.getLogger("run")
 ADAPTER = "adapter.safetensors"
+MODULE_STATE = "module_state.pt"
 
 
 def instantiate_with_run_objects(node, available: dict):
@@ -64,7 +68,8 @@ def stage_align(exp: Experiment, results: dict) -> None:
         )
         results["align_diagnostics"] = json.loads((entry / "diagnostics" / SUMMARY).read_text())
     if exp.cfg.eval.evaluate_aligned and "eval" in exp.cfg.stages:
-        results.update({f"aligned_{k}": v for k, v in evaluate_aligned(exp).items()})
+        aligned = run_eval(exp, exp.run_dir / "generations_aligned.jsonl", tag="aligned")
+        results.update({f"aligned_{k}": v for k, v in aligned.items()})
 
 
 def align_once(exp: Experiment, key: str) -> Path:
@@ -83,6 +88,7 @@ def align_once(exp: Experiment, key: str) -> Path:
             exp.alignment_data(),
             exp.cfg.align,
             build_callbacks(exp, "align"),
+            checkpoints=exp.cache.checkpoints("align", key),
         )
         trained = True
 
@@ -108,45 +114,74 @@ def align_once(exp: Experiment, key: str) -> Path:
     return entry
 
 
-def evaluate_aligned(exp: Experiment) -> dict:
-    """HS/FA of the aligned model, cached next to it (keyed by alignment + evaluation config)."""
-    generations = exp.run_dir / "generations_aligned.jsonl"
-
-    def write(folder: Path, metrics: dict) -> None:
-        shutil.copyfile(generations, folder / "generations.jsonl")
-        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
-
-    entry = exp.cached(
-        "aligned_eval",
-        exp.aligned_eval_key(),
-        lambda: run_eval(exp, generations, tag="aligned"),
-        write,
-        meta={"align_key": exp.align_key()},
-    )
-    if is_main():
-        shutil.copyfile(entry / "generations.jsonl", generations)
-    return json.loads((entry / "metrics.json").read_text())
-
-
 def stage_finetune(exp: Experiment, results: dict) -> None:
     """Aligned adapter + the user's poisoned set -> fine-tuned adapter: the same adapter trained on
-    (finetune.adapter=continue), or a fresh one over the base with the aligned adapter merged (new)."""
+    (finetune.adapter=continue), or a fresh one over the base with the aligned adapter merged (new).
+
+    Cached like the alignment, under `Experiment.finetune_key`, with the module's own state (such
+    as Panacea's ε, which the post stage adds) and its diagnostics: runs that differ only after
+    fine-tuning (a post transform's intensity, another judge or eval set) train it once."""
     results["finetune_adapter"] = exp.cfg.finetune.adapter
     if exp.cfg.finetune.adapter == "new":
         exp.new_adapter(seed=exp.cfg.finetune.seed)
     exp.finetune_module = exp.module(exp.cfg.finetune)
-    exp.fit(
+    key = exp.finetune_key()
+    diagnostics = exp.run_dir / "finetune_diagnostics"
+    trained = False
+
+    def train() -> dict:
+        nonlocal trained
+        if is_main():
+            shutil.rmtree(diagnostics, ignore_errors=True)
+        exp.fit(
+            "finetune",
+            exp.finetune_module,
+            exp.finetune_data(),
+            exp.cfg.finetune,
+            build_callbacks(exp, "finetune"),
+            checkpoints=exp.cache.checkpoints("finetune", key),
+        )
+        trained = True
+        return module_state(exp.finetune_module)  # on every process: it may gather shards
+
+    def write(folder: Path, state: dict) -> None:
+        save_adapter(exp.model, folder / ADAPTER)
+        torch.save(state, folder / MODULE_STATE)
+        if (diagnostics / SUMMARY).is_file():
+            shutil.copytree(diagnostics, folder / "diagnostics")
+
+    entry = exp.cached(
         "finetune",
-        exp.finetune_module,
-        exp.finetune_data(),
-        exp.cfg.finetune,
-        build_callbacks(exp, "finetune"),
+        key,
+        train,
+        write,
+        meta=lambda: {"config": plain(exp.cfg.finetune), "seconds": exp.timings["finetune"]},
     )
+    if not trained:
+        load_adapter(exp.model, entry / ADAPTER)
+        exp.finetune_module.on_load_checkpoint(
+            torch.load(entry / MODULE_STATE, map_location="cpu", weights_only=False)
+        )
+        if is_main() and (entry / "diagnostics").is_dir():
+            shutil.copytree(entry / "diagnostics", diagnostics, dirs_exist_ok=True)
+        log.info("reused fine-tuned model from %s", entry)
+    results["finetuned_adapter_cached"] = str(entry / ADAPTER)
+    if not trained:
+        exp.reused.append("finetune")
     if is_main():
         save_adapter(exp.model, exp.run_dir / "adapters" / "finetuned.safetensors")
-        summary = exp.run_dir / "finetune_diagnostics" / SUMMARY
+        summary = diagnostics / SUMMARY
         if summary.is_file():
             results["finetune_diagnostics"] = json.loads(summary.read_text())
+
+
+def module_state(module) -> dict:
+    """What a finished training module holds besides the adapter (the entries its
+    `on_save_checkpoint` adds: ε, λ_t, histories), as `on_load_checkpoint` takes it back."""
+    checkpoint = {"state_dict": {}}
+    module.on_save_checkpoint(checkpoint)
+    del checkpoint["state_dict"]
+    return checkpoint
 
 
 def stage_post(exp: Experiment, results: dict) -> None:
@@ -179,19 +214,50 @@ def stage_eval(exp: Experiment, results: dict) -> None:
 
 
 def run_eval(exp: Experiment, generations_path: Path, tag: str) -> dict:
-    e = exp.cfg.eval
-    with exp.timed(f"eval_{tag}"):
-        return evaluate_model(
-            exp.model,
-            exp.evaluation_data(),
-            instantiate(exp.cfg.judge),
-            e.harmful_max_new_tokens,
-            e.task_max_new_tokens,
-            e.batch_size,
-            generations_path=generations_path,
-            tag=tag,
-            level=e.interval_level,
-        )
+    """HS/FA of the model as it is now, cached under its fingerprint and the evaluation's config:
+    a run killed after an evaluation, or one whose model equals an evaluated one, does not
+    generate again. The generations file is copied into the run directory either way."""
+    cfg, e = exp.cfg, exp.cfg.eval
+    key = config_key(
+        {
+            "model": exp.model_fingerprint(),
+            "tag": tag,
+            "version": EVAL_VERSION,
+            "eval": plain(cfg.eval),
+            "judge": plain(cfg.judge),
+            "task": plain(cfg.task),
+            "data": plain(cfg.data),
+            "prompts": config_key({"prompts": exp.splits.eval_prompts}),
+        }
+    )
+
+    evaluated = False
+
+    def evaluate() -> dict:
+        nonlocal evaluated
+        evaluated = True
+        with exp.timed(f"eval_{tag}"):
+            return evaluate_model(
+                exp.model,
+                exp.evaluation_data(),
+                instantiate(cfg.judge),
+                e.harmful_max_new_tokens,
+                e.task_max_new_tokens,
+                e.batch_size,
+                generations_path=generations_path,
+                tag=tag,
+                level=e.interval_level,
+            )
+
+    def write(folder: Path, metrics: dict) -> None:
+        shutil.copyfile(generations_path, folder / "generations.jsonl")
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+    entry = exp.cached("eval", key, evaluate, write, meta={"tag": tag})
+    if is_main() and not evaluated:
+        shutil.copyfile(entry / "generations.jsonl", generations_path)
+        exp.reused.append(f"eval_{tag}")
+    return json.loads((entry / "metrics.json").read_text())
 
 
 STAGE_FUNCTIONS = {
@@ -211,10 +277,27 @@ def defense_parts(cfg: DictConfig) -> dict[str, str | None]:
     }
 
 
+def claim(run_dir: Path, cfg: DictConfig) -> None:
+    """`claim_run_dir` decided on rank 0, its refusal raised on every process."""
+    problem = None
+    if is_main():
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            claim_run_dir(run_dir, cfg)
+        except InputError as err:
+            problem = str(err)
+    problem = broadcast(problem)
+    if problem:
+        raise InputError(problem)
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
+    """One run; running it again with the same config (into any directory) resumes it: the
+    finished stages and evaluations are found in the stage cache, and an unfinished training
+    stage continues from its newest checkpoint there."""
     validate_config(cfg)
     exp = Experiment(cfg, run_dir)  # reads and checks all data before the model is loaded
-    run_dir.mkdir(parents=True, exist_ok=True)
+    claim(run_dir, cfg)
     exp.load_model()
     if cfg.stages[0] != "align" and cfg.checkpoint != "base":
         load_adapter(exp.model, Path(cfg.checkpoint))
@@ -244,6 +327,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         for stage in cfg.stages:
             STAGE_FUNCTIONS[stage](exp, results)
         results["seconds"] = exp.timings
+        results["reused"] = exp.reused
+        results["resumed"] = exp.resumed
         results["run_dir"] = str(run_dir)
         results["point_key"] = point_key(cfg)
         results["processes"] = world_size()

@@ -22,11 +22,13 @@ from pydantic import ValidationError
 
 from evaluation.results import RESULTS, read_results
 from orchestration.stage_cache import config_key
+from plumbing.errors import InputError
 from plumbing.io import atomic_write_text
 
 log = logging.getLogger("run")
 FAILED = "failed.json"
-NOT_IDENTITY = ("cache_dir", "sweep_name")  # where files live, not what the point is
+RUN_CONFIG = "run_config.json"
+NOT_IDENTITY = ("cache_dir", "sweep_name", "checkpointing")  # how it runs, not what the point is
 
 
 def short_hash(text: str) -> str:
@@ -37,9 +39,47 @@ def short_hash(text: str) -> str:
 OmegaConf.register_new_resolver("short_hash", short_hash, replace=True)
 
 
-def point_key(cfg: DictConfig) -> str:
+def identity(cfg: DictConfig) -> dict:
+    """The resolved config, less what does not change what the run computes."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    return config_key({k: v for k, v in resolved.items() if k not in NOT_IDENTITY})
+    return {k: v for k, v in resolved.items() if k not in NOT_IDENTITY}
+
+
+def point_key(cfg: DictConfig) -> str:
+    return config_key(identity(cfg))
+
+
+def claim_run_dir(run_dir: Path, cfg: DictConfig) -> None:
+    """A run directory holds the outputs of ONE config: the first run records it in
+    run_config.json; a later run of another config into it is refused, naming the keys that
+    differ, before anything is written (a rerun of the same config goes on: it resumes)."""
+    path, mine = run_dir / RUN_CONFIG, identity(cfg)
+    if path.is_file():
+        theirs = json.loads(path.read_text())
+        if theirs != mine:
+            a, b = _flat(theirs), _flat(mine)
+            differ = sorted(
+                k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(k, "<absent>")
+            )
+            shown = ", ".join(
+                f"{k} ({a.get(k, '<absent>')!r} there, {b.get(k, '<absent>')!r} now)"
+                for k in differ[:8]
+            )
+            more = f" and {len(differ) - 8} more" if len(differ) > 8 else ""
+            raise InputError(
+                f"{run_dir} holds a run of another config; keys that differ: {shown}{more}. "
+                "Run into a new directory (hydra.run.dir=..., or another sweep_name for a grid) "
+                f"or delete {run_dir}"
+            )
+    else:
+        atomic_write_text(path, json.dumps(mine, indent=1, sort_keys=True, default=str) + "\n")
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}"""
+    if isinstance(tree, dict) and tree:
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix.removesuffix("."): tree}
 
 
 def finished(run_dir: Path, key: str) -> dict | None:

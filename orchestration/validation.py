@@ -97,6 +97,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
             problems.append(
                 f"{stage}.max_grad_norm={norm!r} must be a number > 0, or null (no clipping)"
             )
+    problems += checkpointing_problems(cfg)
     problems += hyperparameter_problems(cfg)
     if cfg.model.template not in TEMPLATES:
         problems.append(f"model.template={cfg.model.template!r} must be one of {list(TEMPLATES)}")
@@ -112,6 +113,27 @@ def config_problems(cfg: DictConfig) -> list[str]:
             problems.append(
                 f"trainer.devices={devices} but this node has {torch.cuda.device_count()} GPUs"
             )
+    return problems
+
+
+def checkpointing_problems(cfg: DictConfig) -> list[str]:
+    c = cfg.checkpointing
+    problems = []
+    if c.every_n_steps is not None and (
+        not isinstance(c.every_n_steps, int) or c.every_n_steps < 1
+    ):
+        problems.append(
+            f"checkpointing.every_n_steps={c.every_n_steps!r} must be an integer >= 1, or null "
+            "(a checkpoint after each epoch's last step only)"
+        )
+    if not isinstance(c.keep_last, int) or isinstance(c.keep_last, bool) or c.keep_last < 1:
+        problems.append(f"checkpointing.keep_last={c.keep_last!r} must be an integer >= 1")
+    if c.enabled and cfg.trainer.get("strategy") == "fsdp2":
+        problems.append(
+            "checkpoints inside the stages are not supported under FSDP2 yet (the adapter and the "
+            "defenses' state are sharded; resuming would need a distributed checkpoint): add "
+            "checkpointing.enabled=false, or train with trainer=ddp"
+        )
     return problems
 
 

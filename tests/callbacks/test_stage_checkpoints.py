@@ -85,7 +85,9 @@ def test_a_fit_resumed_from_any_checkpoint_ends_as_the_uninterrupted_one(
     assert not list(tmp_path.glob(".*.tmp"))
     for path in saved[1:]:  # the last one has nothing left to do
         model_r, dm_r, module_r = build(tiny_formatter, defense)
-        resumed = fit(module_r, dm_r, ckpt_path=path)
+        resumed = fit(
+            module_r, dm_r, [StageCheckpoints(tmp_path / "resumed", 1, 1)], ckpt_path=path
+        )
         assert resumed.global_step == 9
         for name, value in adapter(model_r).items():
             assert torch.equal(value, expected[name]), f"{path.name}: {name}"
@@ -133,4 +135,24 @@ def test_a_checkpoint_of_another_adapter_layout_is_refused(tiny_formatter, tmp_p
     other = add_lora(base, r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "k_proj"], seed=0)
     module_o = CausalLMModule(other, optimizer=partial(torch.optim.AdamW, lr=1e-2))
     with pytest.raises(InputError, match="lacks .* adapter tensors"):
-        fit(module_o, dm, ckpt_path=latest_checkpoint(tmp_path))
+        fit(
+            module_o,
+            dm,
+            [StageCheckpoints(tmp_path, None, 1)],
+            ckpt_path=latest_checkpoint(tmp_path),
+        )
+
+
+def test_the_resumable_loader_shuffles_as_the_plain_one():
+    """Results of runs from before it came are reproduced: the same batches, epoch after epoch."""
+    from torch.utils.data import DataLoader
+
+    from datamodules.resumable import ResumableDataLoader
+
+    def orders(loader_class):
+        loader = loader_class(
+            list(range(10)), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(3)
+        )
+        return [[b.tolist() for b in loader] for _ in range(3)]
+
+    assert orders(ResumableDataLoader) == orders(DataLoader)

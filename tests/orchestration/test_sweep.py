@@ -130,7 +130,7 @@ def test_experiment_files_compose_into_sweeps():
     from hydra import compose, initialize_config_dir
 
     names = sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml"))
-    assert len(names) == 12
+    assert len(names) == 13
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         for name in names:
             cfg = compose("config", overrides=[f"experiment={name}"], return_hydra_config=True)
@@ -138,6 +138,10 @@ def test_experiment_files_compose_into_sweeps():
                 assert cfg.sweep_name == name and cfg.hydra.sweeper.search_space
                 continue
             assert cfg.sweep_name == name and "defense" in cfg.hydra.sweeper.params
+            if name == "leaderboard":  # every preset, each once
+                presets = sorted(p.stem for p in (Path(CONF) / "defense").glob("*.yaml"))
+                listed = cfg.hydra.sweeper.params.defense.split(",")
+                assert sorted(listed) == presets and len(set(listed)) == len(listed)
             if "_paper_" in name:  # the papers' setting: hub data, model, judge and their recipe
                 assert (
                     cfg.data.name,

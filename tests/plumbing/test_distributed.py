@@ -308,8 +308,13 @@ def test_run_with_two_cpu_processes(trainer, defense, tmp_path):
     from helpers.configs import run_tiny
 
     run_dir = tmp_path / "run"
+    no_checkpoints = ["checkpointing.enabled=false"] if trainer == "fsdp_cpu" else []
     proc = run_tiny(
-        tmp_path, f"defense={defense}", f"trainer={trainer}", f"hydra.run.dir={run_dir}"
+        tmp_path,
+        f"defense={defense}",
+        f"trainer={trainer}",
+        f"hydra.run.dir={run_dir}",
+        *no_checkpoints,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((run_dir / "results.json").read_text())
