@@ -71,9 +71,11 @@ def test_full_run_writes_results_and_generations(tiny_cfg, tmp_path):
 def test_eval_stage_on_a_given_checkpoint_reproduces_the_run(tiny_cfg, tmp_path):
     full = run_module.run(tiny_cfg(), tmp_path / "full")
     adapter = tmp_path / "full" / "adapters" / "deployed.safetensors"
-    only_eval = run_module.run(
-        tiny_cfg("stages=[eval]", f"checkpoint={adapter}"), tmp_path / "eval"
+    only_eval = run_module.run(  # another cache: the evaluation is not found, it runs again
+        tiny_cfg("stages=[eval]", f"checkpoint={adapter}", f"cache_dir={tmp_path / 'other'}"),
+        tmp_path / "eval",
     )
+    assert only_eval["reused"] == []
     for key in ("harmful_score", "harmful_score_plus", "finetune_accuracy"):
         assert only_eval[key] == full[key]
     assert "aligned_harmful_score" not in only_eval
@@ -285,3 +287,48 @@ def test_papers_data_and_task_configs_run_offline(tiny_cfg, tmp_path):
             json.loads(x) for x in (HUB / "beavertails_30k_test.jsonl").read_text().splitlines()
         ]
     }
+
+
+def test_runs_that_differ_after_fine_tuning_reuse_its_cache_entry(tiny_cfg, tmp_path):
+    """random_perturb at two intensities, then another judge: one alignment, one fine-tuning; an
+    evaluation already done is found, one of another judge or model runs."""
+    from safetensors.torch import load_file
+
+    first = run_module.run(tiny_cfg("defense=random_perturb"), tmp_path / "a")
+    second = run_module.run(
+        tiny_cfg("defense=random_perturb", "defense.post.intensity=0.5"), tmp_path / "b"
+    )
+    judged = run_module.run(
+        tiny_cfg("defense=random_perturb", "defense.post.intensity=0.5", "judge=keyword"),
+        tmp_path / "c",
+    )
+    assert "finetune" not in first["reused"] and "eval_aligned" not in first["reused"]
+    assert {"finetune", "eval_aligned", "eval_before_post"} <= set(second["reused"])
+    assert "eval_deployed" not in second["reused"]  # another deployed model
+    assert "finetune" in judged["reused"] and "eval_deployed" not in judged["reused"]
+    assert "finetune" not in second["seconds"] and second["resumed"] == {}
+    for key in ("before_post_harmful_score", "before_post_finetune_accuracy"):
+        assert second[key] == first[key]
+    a, b = (load_file(str(tmp_path / d / "adapters" / "finetuned.safetensors")) for d in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(list((tmp_path / "cache" / "finetune").glob("*/meta.json"))) == 1
+    assert (tmp_path / "b" / "generations_before_post.jsonl").read_text() == (
+        tmp_path / "a" / "generations_before_post.jsonl"
+    ).read_text()
+
+
+def test_a_run_directory_of_another_config_is_refused_untouched(tiny_cfg, tmp_path):
+    from plumbing.errors import InputError
+
+    run_module.run(tiny_cfg("stages=[align]"), tmp_path / "run")
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    with pytest.raises(
+        InputError,
+        match=r"another config; keys that differ: finetune.datamodule.harmful_ratio \(0.1 there, 0.3 now\), harmful_ratio",
+    ) as err:
+        run_module.run(tiny_cfg("stages=[align]", "harmful_ratio=0.3"), tmp_path / "run")
+    assert "hydra.run.dir" in str(err.value)
+    after = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert after == before
+    # the same config goes on (it resumes), and checkpointing settings are not the run's identity
+    run_module.run(tiny_cfg("stages=[align]", "checkpointing.every_n_steps=1"), tmp_path / "run")

@@ -58,6 +58,12 @@ def test_gpu_trainer_without_gpu_is_refused_before_any_work(tiny_cfg):
         ),
         (["finetune.adapter=reuse"], "finetune.adapter='reuse' must be one of"),
         (
+            ["checkpointing.every_n_steps=0"],
+            "checkpointing.every_n_steps=0 must be an integer >= 1",
+        ),
+        (["checkpointing.keep_last=0"], "checkpointing.keep_last=0 must be an integer >= 1"),
+        (["trainer=fsdp_cpu"], "not supported under FSDP2 yet.*checkpointing.enabled=false"),
+        (
             ["defense=safeinstr", "defense.finetune.safety_samples=500"],
             "defense.finetune.safety_samples=500 exceeds the 100 safety samples of source=defender",
         ),
