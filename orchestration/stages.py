@@ -322,7 +322,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "n_defender": len(exp.splits.defender_pairs),
         "n_user_harmful_pool": len(exp.splits.user_pairs),
     }
-    exp.tracker = make_tracker(cfg) if is_main() else Tracker()
+    exp.tracker = make_tracker(cfg, run_dir) if is_main() else Tracker()
     try:
         for stage in cfg.stages:
             STAGE_FUNCTIONS[stage](exp, results)

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from pathlib import Path
 
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from plumbing.io import read_jsonl
+from plumbing.io import atomic_write_text, read_jsonl
 
 log = logging.getLogger("run")
+WANDB_ID = "wandb_run_id"
 
 
 class Tracker:
@@ -54,7 +56,10 @@ class LightningLoggerTracker(Tracker):
 
 
 class WandbTracker(Tracker):
-    def __init__(self, logger_cfg: DictConfig, cfg: DictConfig):
+    """A run resumed into the same run directory continues the same W&B run: its id is kept in
+    `<run_dir>/wandb_run_id` (W&B's resume="allow"; offline, `wandb sync` merges the parts)."""
+
+    def __init__(self, logger_cfg: DictConfig, cfg: DictConfig, run_dir: Path):
         import wandb
 
         kwargs = OmegaConf.to_container(logger_cfg, resolve=True)
@@ -62,11 +67,17 @@ class WandbTracker(Tracker):
         offline = kwargs.pop("offline", False)
         save_dir = Path(kwargs.pop("save_dir"))
         save_dir.mkdir(parents=True, exist_ok=True)
+        id_file = Path(run_dir) / WANDB_ID
+        if not id_file.is_file():
+            atomic_write_text(id_file, uuid.uuid4().hex[:8])  # a W&B run id: [a-z0-9]
+        run_id = id_file.read_text().strip()
         self.run = wandb.init(
             dir=str(save_dir),
             mode="offline" if offline else None,
             config=OmegaConf.to_container(cfg, resolve=True),
             reinit="finish_previous",
+            id=run_id,
+            resume="allow",
             **kwargs,
         )
         log.info("W&B run %s (%s)", self.run.name, self.run.dir)
@@ -119,10 +130,10 @@ def _cell(value):
     )
 
 
-def make_tracker(cfg: DictConfig) -> Tracker:
+def make_tracker(cfg: DictConfig, run_dir: Path) -> Tracker:
     logger_cfg = cfg.get("logger")
     if not logger_cfg:
         return Tracker()
     if get_class(logger_cfg._target_).__name__ == "WandbLogger":
-        return WandbTracker(logger_cfg, cfg)
+        return WandbTracker(logger_cfg, cfg, run_dir)
     return LightningLoggerTracker(logger_cfg)

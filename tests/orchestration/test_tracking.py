@@ -135,6 +135,22 @@ def test_wandb_run_is_closed_as_failed_when_a_stage_raises(tmp_path, monkeypatch
     assert read_offline_run(run_dir)["exit_code"] == 1
 
 
+def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
+    """Killed (here: a stage raises) and run again into the same directory: one W&B run id."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tmp_path / "run"
+    cfg = compose_tracked(tmp_path, "logger=wandb", f"logger.save_dir={run_dir}")
+    with monkeypatch.context() as patch:
+        patch.setitem(run_module.STAGE_FUNCTIONS, "eval", lambda exp, results: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            run_module.run(cfg, run_dir)
+    run_module.run(cfg, run_dir)
+    run_id = (run_dir / "wandb_run_id").read_text()
+    files = sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 2 and {f.name for f in files} == {f"run-{run_id}.wandb"}
+
+
 @pytest.mark.parametrize(
     "logger,pattern",
     [("tensorboard", "tb/{stage}/events.out.tfevents.*"), ("csv", "logs/{stage}/metrics.csv")],
