@@ -26,6 +26,7 @@ from orchestration.sweep import FAILED, clear_failure, finished, point_key, reco
 from orchestration.validation import validate_config
 from plumbing import distributed
 from plumbing.distributed import broadcast, is_main
+from plumbing.environment import share_cores
 from plumbing.errors import InputError
 
 log = logging.getLogger("run")
@@ -40,6 +41,15 @@ def main(cfg: DictConfig) -> dict | None:
         if not multirun:  # (a grid point's bad config is recorded as its failure instead)
             validate_config(cfg)  # before any process is started
         distributed.start(cfg.trainer, multirun)  # several processes: all of them run what follows
+        launcher = HydraConfig.get().launcher
+        if multirun and "joblib" in str(launcher.get("_target_", "")).lower():
+            threads, cores = share_cores(launcher.get("n_jobs"))
+            log.info(
+                "%d torch threads for this point (%d cores, n_jobs=%s)",
+                threads,
+                cores,
+                launcher.get("n_jobs"),
+            )
         if multirun:
             return run_grid_point(cfg, run_dir)
         results = run(cfg, run_dir)

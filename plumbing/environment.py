@@ -46,3 +46,29 @@ def describe(device: torch.device) -> dict[str, str | int | None]:
     }
     info.update({package: _version(package) for package in PACKAGES})
     return info
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a SLURM or container limit)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def parallel_jobs(n_jobs: int | None, cores: int) -> int:
+    """How many points joblib runs at once for its `n_jobs` (joblib's rule: None is 1, -1 all
+    cores, -2 all but one, ...)."""
+    if n_jobs is None or n_jobs == 0:
+        return 1
+    return max(1, n_jobs if n_jobs > 0 else cores + 1 + n_jobs)
+
+
+def share_cores(n_jobs: int | None) -> tuple[int, int]:
+    """Give this grid point its share of the cores when `k` points run side by side (torch would
+    otherwise start one thread per core in every point, k times too many): cores // k threads,
+    at least 1. Returns (threads, cores)."""
+    cores = usable_cores()
+    threads = max(1, cores // parallel_jobs(n_jobs, cores))
+    torch.set_num_threads(threads)
+    return threads, cores

@@ -71,6 +71,29 @@ def test_submitit_local_launcher_runs_a_grid(tmp_path):
     assert len(list((tmp_path / "cache" / "align").iterdir())) == 1  # the two jobs aligned once
 
 
+@pytest.mark.e2e
+def test_parallel_points_share_the_cores(tmp_path):
+    """hydra/launcher=joblib n_jobs=2: each point's torch gets cores // 2 threads, and says so."""
+    from plumbing.environment import usable_cores
+
+    done = multirun(
+        tmp_path, "harmful_ratio=0,0.5", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = max(1, usable_cores() // 2)
+    results = [json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/results.json")]
+    assert [r["environment"]["torch_threads"] for r in results] == [expected, expected]
+    assert (
+        f"{expected} torch threads for this point"
+        in (tmp_path / "sweep")
+        .joinpath(
+            next(p.name for p in (tmp_path / "sweep").iterdir() if (p / "results.json").is_file()),
+            "run.log",
+        )
+        .read_text()
+    )
+
+
 def test_slurm_launcher_config_has_partition_gpus_and_time():
     from hydra import compose, initialize_config_dir
 
