@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import shutil
@@ -14,7 +15,7 @@ from typing import TypeVar
 
 import lightning as L
 import torch
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_class, get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from torch.distributed.fsdp import FSDPModule
@@ -104,7 +105,7 @@ class Experiment:
         before are merged again (FSDP's unshard rebuilds the model this way)."""
         cfg = self.cfg
         with self.timed("load_model"):
-            base, self.tokenizer = instantiate(cfg.model.loader)
+            base, self.tokenizer = instantiate(cfg.model.loader, **self.loader_cache())
             self.model = self.with_lora(base, seed=cfg.align.seed)
             for state, seed in self.merged_adapters:
                 set_peft_model_state_dict(self.model, state)
@@ -112,6 +113,14 @@ class Experiment:
             self.formatter = PromptFormatter(
                 self.tokenizer, cfg.model.template, cfg.model.max_length
             )
+
+    def loader_cache(self) -> dict:
+        """A loader that can keep what it converts (the GGUF model's dequantized weights) gets a
+        folder in the stage cache for it."""
+        loader = get_method(self.cfg.model.loader._target_)
+        if "cache_dir" in inspect.signature(loader).parameters:
+            return {"cache_dir": str(self.cache.root / "base_model")}
+        return {}
 
     def with_lora(self, base, seed: int):
         lora = self.cfg.model.lora

