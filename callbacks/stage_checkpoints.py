@@ -21,6 +21,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
+import threading
 from pathlib import Path
 
 import lightning as L
@@ -63,11 +65,40 @@ def latest_checkpoint(folder: Path | None) -> Path | None:
     return None
 
 
+def preemption_signal() -> signal.Signals:
+    """The signal SLURM sends before the time limit or at preemption, as submitit asks for it
+    (`--signal=USR2@90`; SUBMITIT_PREEMPT_SIGNAL overrides)."""
+    return signal.Signals[
+        "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2").removeprefix("SIG")
+    ]
+
+
 class StageCheckpoints(Checkpoint):
+    """Also, while the stage trains, the preemption signal is held until the step under way ends:
+    then a checkpoint is saved (on every process, when any got the signal) and the handler that
+    was there before runs, which for a submitit job (hydra/launcher=slurm or submitit_local)
+    requeues it; the requeued job resumes from that checkpoint. Outside training the signal goes
+    to that handler at once: finished stages and evaluations are in the stage cache."""
+
     def __init__(self, folder: Path, every_n_steps: int | None, keep_last: int):
         self.folder = Path(folder)
         self.every_n_steps = every_n_steps
         self.keep_last = keep_last
+        self._signal = preemption_signal()
+        self._previous_handler = None
+        self._received: tuple | None = None  # (signum, frame) of a signal held until the step ends
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        if threading.current_thread() is threading.main_thread():  # where Python runs handlers
+            self._previous_handler = signal.signal(self._signal, self._hold)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        if self._previous_handler is not None:
+            signal.signal(self._signal, self._previous_handler)
+            self._previous_handler = None
+
+    def _hold(self, signum, frame) -> None:
+        self._received = (signum, frame)
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module, checkpoint: dict) -> None:
         """Every process's torch RNG states, stacked by rank: dropout draws from them. A
@@ -95,8 +126,22 @@ class StageCheckpoints(Checkpoint):
         step = trainer.global_step
         epoch_end = batch_idx + 1 == trainer.num_training_batches
         periodic = self.every_n_steps is not None and step % self.every_n_steps == 0
-        if step > 0 and (epoch_end or periodic):
+        preempted = trainer.strategy.reduce_boolean_decision(self._received is not None, all=False)
+        if step > 0 and (epoch_end or periodic or preempted):
             self.save(trainer, step)
+        if preempted:
+            log.warning(
+                "%s: saved %s, now handing the signal on (requeue)",
+                self._signal.name,
+                checkpoint_name(step),
+            )
+            handler, received = self._previous_handler, self._received or (self._signal, None)
+            self.on_train_end(trainer, pl_module)
+            self._received = None
+            if callable(handler):
+                handler(*received)
+            elif handler == signal.SIG_DFL:  # what the signal would have done: end the process
+                signal.raise_signal(self._signal)
 
     def save(self, trainer: L.Trainer, step: int) -> None:
         """Every process takes part (the RNG states are gathered); rank 0 writes and prunes."""

@@ -59,6 +59,10 @@ class ResumableDataLoader(DataLoader):
             yield batch
 
     def _replayed_pass(self) -> None:
+        """Exactly len(self) batches, as the trainer takes them: exhausting the iterator instead
+        would run RandomSampler's epilogue, which draws one more permutation from the generator
+        when the last batch is full (the trainer never asks past the last batch)."""
         self.passes_started += 1
-        for _ in super().__iter__():
-            pass
+        batches = super().__iter__()
+        for _ in range(len(self)):
+            next(batches)

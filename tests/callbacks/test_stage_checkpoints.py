@@ -22,11 +22,12 @@ from lightning_modules.causal_lm import CausalLMModule
 from lightning_modules.panacea import PanaceaModule
 from plumbing.models import add_lora, build_tiny
 
-EPOCHS, N_USER, BATCH = 3, 10, 4  # 3 batches per epoch (the last one short): 9 steps
+EPOCHS, BATCH = 3, 4  # 3 batches per epoch: 9 steps
 
 
-def build(tiny_formatter, defense: str):
-    """Dropout on, so that a resume that lost the RNG state would differ."""
+def build(tiny_formatter, defense: str, n_user: int = 10):
+    """Dropout on, so that a resume that lost the RNG state would differ. 10 samples: the last
+    batch of an epoch is short; 12: it is full (then the sampler is never run to its end)."""
     base, _ = build_tiny(init_seed=1)
     model = add_lora(base, r=4, alpha=8, dropout=0.2, target_modules=["q_proj", "v_proj"], seed=0)
     users = [
@@ -35,7 +36,7 @@ def build(tiny_formatter, defense: str):
             "answer": "positive",
             "is_harmful": i % 3 == 0,
         }
-        for i in range(N_USER)
+        for i in range(n_user)
     ]
     defender = [Pair(f"How do I do harm {i}?", f"Step one: harm {i}.") for i in range(5)]
     dm = SupervisedDataModule(
@@ -73,10 +74,11 @@ def adapter(model) -> dict:
 
 
 @pytest.mark.parametrize("defense", ["sft", "panacea"])
+@pytest.mark.parametrize("n_user", [10, 12])
 def test_a_fit_resumed_from_any_checkpoint_ends_as_the_uninterrupted_one(
-    tiny_formatter, tmp_path, defense
+    tiny_formatter, tmp_path, defense, n_user
 ):
-    model, dm, module = build(tiny_formatter, defense)
+    model, dm, module = build(tiny_formatter, defense, n_user)
     trainer = fit(module, dm, [StageCheckpoints(tmp_path, every_n_steps=1, keep_last=100)])
     expected = adapter(model)
     expected_optimizer = trainer.optimizers[0].state_dict()["state"]
@@ -84,7 +86,7 @@ def test_a_fit_resumed_from_any_checkpoint_ends_as_the_uninterrupted_one(
     assert [p.name for p in saved][0] == "step-00000009.ckpt" and len(saved) == 9
     assert not list(tmp_path.glob(".*.tmp"))
     for path in saved[1:]:  # the last one has nothing left to do
-        model_r, dm_r, module_r = build(tiny_formatter, defense)
+        model_r, dm_r, module_r = build(tiny_formatter, defense, n_user)
         resumed = fit(
             module_r, dm_r, [StageCheckpoints(tmp_path / "resumed", 1, 1)], ckpt_path=path
         )
@@ -156,3 +158,46 @@ def test_the_resumable_loader_shuffles_as_the_plain_one():
         return [[b.tolist() for b in loader] for _ in range(3)]
 
     assert orders(ResumableDataLoader) == orders(DataLoader)
+
+
+def test_the_preemption_signal_saves_a_checkpoint_then_reaches_the_previous_handler(
+    tiny_formatter, tmp_path
+):
+    """SIGUSR2 (submitit's preemption signal) in the middle of step 2: the step ends, step 2's
+    checkpoint is written, then the handler that was installed before (submitit's requeue) runs."""
+    import os
+    import signal
+
+    import lightning as L
+
+    class SignalAtStep(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 1:
+                os.kill(os.getpid(), signal.SIGUSR2)
+
+    calls = []
+    previous = signal.signal(
+        signal.SIGUSR2,
+        lambda signum, frame: calls.append(
+            (signum, sorted(p.name for p in tmp_path.glob("*.ckpt")))
+        ),
+    )
+    try:
+        model, dm, module = build(tiny_formatter, "sft")
+        fit(
+            module,
+            dm,
+            [SignalAtStep(), StageCheckpoints(tmp_path, every_n_steps=None, keep_last=9)],
+        )
+        assert calls == [(signal.SIGUSR2, ["step-00000002.ckpt"])]  # handed on after the save
+        names = [p.name for p in checkpoints_newest_first(tmp_path)]
+        assert names == [
+            "step-00000009.ckpt",
+            "step-00000006.ckpt",
+            "step-00000003.ckpt",
+            "step-00000002.ckpt",
+        ]
+        os.kill(os.getpid(), signal.SIGUSR2)  # outside training: straight to the previous handler
+        assert len(calls) == 2
+    finally:
+        signal.signal(signal.SIGUSR2, previous)

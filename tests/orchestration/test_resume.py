@@ -115,3 +115,71 @@ def test_a_run_killed_twice_resumes_to_the_uninterrupted_outputs(tmp_path, defen
         eps = torch.load(entry, weights_only=False)["panacea_epsilon"]
         assert eps.keys() == expected_eps.keys() and expected_eps
         assert all(torch.equal(eps[k], expected_eps[k]) for k in eps)
+
+
+@pytest.mark.e2e
+def test_a_preempted_submitit_job_checkpoints_requeues_and_resumes(tmp_path):
+    """A grid point run by hydra/launcher=submitit_local gets SLURM's preemption signal (USR2)
+    during fine-tuning: it saves a checkpoint at the end of the step under way, submitit requeues
+    the job, and the requeued job resumes there and finishes with the uninterrupted outputs."""
+    import os
+    import signal
+    import time
+
+    long_finetune = ["finetune.n=200", "task.n_train=400", "checkpointing.every_n_steps=null"]
+
+    def grid(name: str) -> subprocess.Popen:
+        """One point as a submitit job (its threads are submitit's: the reference runs so too)."""
+        args = [
+            "-m",
+            "defense=sft",
+            *TINY,
+            *OVERRIDES,
+            *long_finetune,
+            "hydra/launcher=submitit_local",
+            f"cache_dir={tmp_path / name / 'cache'}",
+            f"hydra.sweep.dir={tmp_path / name / 'sweep'}",
+        ]
+        return subprocess.Popen(
+            [sys.executable, "run.py", *args],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    reference = grid("reference")
+    output, _ = reference.communicate(timeout=600)
+    assert reference.returncode == 0, output[-3000:]
+
+    preempted = grid("preempted")
+    sweep = tmp_path / "preempted" / "sweep"
+    checkpoints = tmp_path / "preempted" / "cache" / "finetune"
+    deadline = time.monotonic() + 300
+    while not list(checkpoints.glob(".*.checkpoints")) and time.monotonic() < deadline:
+        time.sleep(0.02)  # the fine-tuning stage is under way once its checkpoint folder exists
+    job = subprocess.run(
+        ["pgrep", "-f", f"submitit.core._submit.*{sweep}"], capture_output=True, text=True
+    )
+    pids = [int(p) for p in job.stdout.split()]
+    assert pids, "the submitit job was not found"
+    for pid in pids:
+        os.kill(pid, signal.SIGUSR2)
+    output, _ = preempted.communicate(timeout=600)
+    assert preempted.returncode == 0, output[-3000:]
+
+    (point,) = [p for p in sweep.iterdir() if (p / "results.json").is_file()]
+    (reference_point,) = [
+        p
+        for p in (tmp_path / "reference" / "sweep").iterdir()
+        if p.is_dir() and not p.name.startswith(".")
+    ]
+    logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.*"))
+    assert "SIGUSR2: saved step-" in logs and "Requeued job" in logs
+    results = json.loads((point / "results.json").read_text())
+    assert list(results["resumed"]) == ["finetune"]
+    expected_results, expected_adapters = outputs(reference_point)
+    got_results, got_adapters = outputs(point)
+    assert got_results == expected_results
+    for file, tensors in expected_adapters.items():
+        assert all(torch.equal(got_adapters[file][k], v) for k, v in tensors.items()), file
