@@ -8,10 +8,13 @@ batch and machine, written as one Markdown report. Run on demand; never a test.
    the allocator returning blocks of 1 MiB or more, so that peak RSS is close to live memory).
 2. Evaluation: greedy generation of the evaluation prompts in batches (this framework) vs one
    prompt at a time (how the reference implementations evaluate); the outputs are compared.
-3. Sweep: 4 harmful ratios run as 4 `run.py` commands sharing one empty stage cache (the first
-   aligns, the others reuse it) vs the same 4 commands each with its own empty cache (each
-   re-aligns). Sizes keep the papers' proportion: alignment set 5x the user set, same epochs.
-4. DDP: SFT samples/s with 2 processes (gloo, half the batch each) vs 1 process, same global batch.
+3. Sweep: 4 harmful ratios run as 4 `run.py` commands each with its own empty cache (each
+   re-aligns) vs sharing one stage cache (the first aligns, the others reuse it), with the base
+   model converted at every command and with it cached; and the fixed cost per command of each.
+   Sizes keep the papers' proportion: alignment set 5x the user set, same epochs.
+4. Fine-tuning cache: random_perturb at 4 intensities, the fine-tuning stage shared vs redone.
+5. Parallel points: a 2-point grid one after the other vs joblib n_jobs=2 (cores shared).
+6. DDP: SFT samples/s with 2 processes (gloo, half the batch each) vs 1 process, same global batch.
 Ratios are what to read: absolute times drift on a shared machine.
 """
 
@@ -87,7 +90,9 @@ def evaluation_rows(args) -> list[str]:
     ]
 
 
-def sweep_rows(args) -> list[str]:
+def small_run_overrides(args) -> list[str]:
+    """The sweep sections' sizes: the papers' proportion (alignment set 5x the user set), 1 epoch
+    each, a small evaluation (these sections time what is redone, not the evaluation)."""
     overrides = [
         f"model={args.model}",
         "~logger",
@@ -99,52 +104,187 @@ def sweep_rows(args) -> list[str]:
         "align.epochs=1",
         "finetune.epochs=1",
         "data.n_eval=10",
-        "data.n_eval_remainder=0",  # the sweep section times alignment reuse, not evaluation
+        "data.n_eval_remainder=0",
         "data.heldout_sources=[]",
         "eval.n_task=10",
     ]
     if args.model == "tiny":
         overrides[0:1] = ["model=tiny", "data.retain_max_new_tokens=6"]
+    return overrides
 
-    def point(cache: Path, ratio: str, out: Path) -> tuple[float, float]:
-        """(wall time of the command, its stage seconds without process start and model load)."""
-        start = time.perf_counter()
-        subprocess.run(
-            [
-                sys.executable,
-                "run.py",
-                *overrides,
-                f"harmful_ratio={ratio}",
-                f"cache_dir={cache}",
-                f"hydra.run.dir={out / ratio}",
-            ],
-            cwd=ROOT,
-            check=True,
-            capture_output=True,
-        )
-        wall = time.perf_counter() - start
-        seconds = json.loads((out / ratio / "results.json").read_text())["seconds"]
-        return wall, sum(v for k, v in seconds.items() if k != "load_model")
 
+def timed_run(args, cache: Path, out: Path, *overrides: str) -> tuple[float, float]:
+    """One `run.py` command: (its wall time, its stage seconds without process start and model
+    load, i.e. what is left of the wall time once the fixed cost per command is taken out)."""
+    start = time.perf_counter()
+    subprocess.run(
+        [
+            sys.executable,
+            "run.py",
+            *small_run_overrides(args),
+            *overrides,
+            f"cache_dir={cache}",
+            f"hydra.run.dir={out}",
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+    wall = time.perf_counter() - start
+    if not (out / "results.json").is_file():  # a run without an eval stage writes none
+        return wall, float("nan")
+    seconds = json.loads((out / "results.json").read_text())["seconds"]
+    return wall, sum(v for k, v in seconds.items() if k != "load_model")
+
+
+def sweep_rows(args) -> list[str]:
+    """Three ways to run the same 4 commands: each with its own empty cache (re-aligning, and
+    converting the GGUF model, every time), one shared stage cache with the base model converted
+    at every command (how it ran before the base model was cached), and one shared cache that
+    also keeps the converted base model."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        cached = [point(tmp / "shared_cache", r, tmp / "cached") for r in SWEEP_RATIOS]
-        realigned = [point(tmp / f"cache_{r}", r, tmp / "realigned") for r in SWEEP_RATIOS]
-    wall = sum(w for w, _ in realigned) / sum(w for w, _ in cached)
-    stages = sum(s for _, s in realigned) / sum(s for _, s in cached)
-    fixed = statistics.median(w - s for w, s in cached + realigned)
-    return [
+        ways = {
+            "re-aligning at every point": [
+                timed_run(
+                    args,
+                    tmp / f"own_{r}",
+                    tmp / "a" / r,
+                    f"harmful_ratio={r}",
+                    "cache_base_model=false",
+                )
+                for r in SWEEP_RATIOS
+            ],
+            "stage cache, base model converted at every command": [
+                timed_run(
+                    args,
+                    tmp / "shared_b",
+                    tmp / "b" / r,
+                    f"harmful_ratio={r}",
+                    "cache_base_model=false",
+                )
+                for r in SWEEP_RATIOS
+            ],
+            "stage cache and cached base model": [
+                timed_run(args, tmp / "shared_c", tmp / "c" / r, f"harmful_ratio={r}")
+                for r in SWEEP_RATIOS
+            ],
+        }
+    baseline = ways["re-aligning at every point"]
+    rows = [
         f"4 runs of run.py (harmful_ratio={','.join(SWEEP_RATIOS)}, defense=sft): alignment set "
-        f"{args.sweep_align} prompts, user set {args.sweep_align // 5}, 1 epoch each; wall time per point (s): "
-        f"cached {', '.join(f'{w:.0f}' for w, _ in cached)}; re-aligned {', '.join(f'{w:.0f}' for w, _ in realigned)}; "
-        f"fixed cost per command (process start, imports, model load; median): {fixed:.0f} s",
+        f"{args.sweep_align} prompts, user set {args.sweep_align // 5}, 1 epoch each. Fixed cost "
+        "per command = wall time less the stage seconds (process start, imports, model load); "
+        "the cached base model is built by the first command of its sweep.",
         "",
-        "| 4-ratio sweep | wall time (s) | speed-up | stage time (s) | speed-up | target (wall) |",
+        "| 4-ratio sweep | wall time per point (s) | fixed cost per command (s, median) | wall time (s) | speed-up | stage time (s) | speed-up | target (wall) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, points in ways.items():
+        wall = sum(w for w, _ in baseline) / sum(w for w, _ in points)
+        stages = sum(s for _, s in baseline) / sum(s for _, s in points)
+        target = "-" if points is baseline else verdict(wall, SWEEP_TARGET)
+        rows.append(
+            f"| {name} | {', '.join(f'{w:.0f}' for w, _ in points)} | "
+            f"{statistics.median(w - s for w, s in points):.1f} | {sum(w for w, _ in points):.0f} | "
+            f"{wall:.2f}x | {sum(s for _, s in points):.0f} | {stages:.2f}x | {target} |"
+        )
+    return rows
+
+
+def finetune_cache_rows(args) -> list[str]:
+    """random_perturb at 4 noise intensities: with the stage cache shared by the 4 commands (one
+    fine-tuning, one evaluation before the noise) vs each command in its own copy of the cache
+    holding only the alignment and the base model (it fine-tunes and evaluates again: how such a
+    sweep ran before the fine-tuning stage was cached)."""
+    import shutil
+
+    intensities = ["0.001", "0.01", "0.05", "0.1"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        seed = tmp / "seed_cache"
+        timed_run(args, seed, tmp / "seed_run", "defense=sft", "stages=[align]")  # align once
+        shared = tmp / "shared"
+        shutil.copytree(seed, shared)
+        cached = [
+            timed_run(
+                args, shared, tmp / "c" / i, "defense=random_perturb", f"defense.post.intensity={i}"
+            )
+            for i in intensities
+        ]
+        uncached = []
+        for i in intensities:
+            own = tmp / f"own_{i}"
+            shutil.copytree(seed, own)
+            uncached.append(
+                timed_run(
+                    args,
+                    own,
+                    tmp / "u" / i,
+                    "defense=random_perturb",
+                    f"defense.post.intensity={i}",
+                )
+            )
+    ratio = sum(w for w, _ in uncached) / sum(w for w, _ in cached)
+    stage_ratio = sum(s for _, s in uncached) / sum(s for _, s in cached)
+    return [
+        f"4 runs of run.py (defense=random_perturb, defense.post.intensity={','.join(intensities)}), "
+        f"the aligned model already cached; user set {args.sweep_align // 5}, 1 epoch; "
+        "each run evaluates before and after the noise.",
+        "",
+        "| 4-intensity sweep | wall time per point (s) | wall time (s) | speed-up | stage time (s) | speed-up |",
         "|---|---|---|---|---|---|",
-        f"| re-aligning at every point | {sum(w for w, _ in realigned):.0f} | 1.00x | "
-        f"{sum(s for _, s in realigned):.0f} | 1.00x | - |",
-        f"| stage cache (align once) | {sum(w for w, _ in cached):.0f} | {wall:.2f}x | "
-        f"{sum(s for _, s in cached):.0f} | {stages:.2f}x | {verdict(wall, SWEEP_TARGET)} |",
+        f"| fine-tuning at every point | {', '.join(f'{w:.0f}' for w, _ in uncached)} | "
+        f"{sum(w for w, _ in uncached):.0f} | 1.00x | {sum(s for _, s in uncached):.0f} | 1.00x |",
+        f"| fine-tuning cached | {', '.join(f'{w:.0f}' for w, _ in cached)} | "
+        f"{sum(w for w, _ in cached):.0f} | {ratio:.2f}x | {sum(s for _, s in cached):.0f} | {stage_ratio:.2f}x |",
+    ]
+
+
+def parallel_rows(args) -> list[str]:
+    """A 2-point grid (two seeds, so nothing is shared but the base model) run by Hydra's basic
+    launcher (one point after the other) vs joblib with n_jobs=2 (each point gets half the cores)."""
+    import os
+
+    cores = len(os.sched_getaffinity(0))
+    walls = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for name, launcher in (
+            ("one after the other (basic)", []),
+            (
+                "in parallel (joblib, n_jobs=2)",
+                ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+            ),
+        ):
+            cache = tmp / f"cache_{len(walls)}"
+            timed_run(
+                args, cache, tmp / f"warm_{len(walls)}", "stages=[align]", "seed=7"
+            )  # base model cached
+            start = time.perf_counter()
+            subprocess.run(
+                [
+                    sys.executable,
+                    "run.py",
+                    "-m",
+                    *small_run_overrides(args),
+                    "seed=0,1",
+                    *launcher,
+                    f"cache_dir={cache}",
+                    f"hydra.sweep.dir={tmp / f'sweep_{len(walls)}'}",
+                ],
+                cwd=ROOT,
+                check=True,
+                capture_output=True,
+            )
+            walls[name] = time.perf_counter() - start
+    sequential = walls["one after the other (basic)"]
+    return [
+        f"2 points (defense=sft, seed=0,1: each aligns), {cores} cores; the base model cached beforehand.",
+        "",
+        "| 2-point grid | wall time (s) | speed-up |",
+        "|---|---|---|",
+        *(f"| {name} | {wall:.0f} | {sequential / wall:.2f}x |" for name, wall in walls.items()),
     ]
 
 
@@ -204,8 +344,8 @@ def main() -> None:
     parser.add_argument(
         "--sections",
         nargs="+",
-        default=["steps", "eval", "sweep", "ddp"],
-        choices=["steps", "eval", "sweep", "ddp"],
+        default=["steps", "eval", "sweep", "finetune_cache", "parallel", "ddp"],
+        choices=["steps", "eval", "sweep", "finetune_cache", "parallel", "ddp"],
     )
     parser.add_argument("--eval-prompts", type=int, default=40)
     parser.add_argument(
@@ -227,6 +367,11 @@ def main() -> None:
         "steps": ("Training step vs SFT", step_time.step_table),
         "eval": ("Evaluation: batched vs one prompt at a time", evaluation_rows),
         "sweep": ("Sweep: stage cache vs re-aligning at every point", sweep_rows),
+        "finetune_cache": (
+            "Sweep after fine-tuning: cached fine-tuning stage",
+            finetune_cache_rows,
+        ),
+        "parallel": ("Parallel grid points sharing the cores", parallel_rows),
         "ddp": ("DDP throughput vs one process", ddp_rows),
     }
     report = [f"# Benchmark ({time.strftime('%Y-%m-%d')}, `{' '.join(sys.argv)}`)", ""]

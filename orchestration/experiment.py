@@ -118,7 +118,7 @@ class Experiment:
         """A loader that can keep what it converts (the GGUF model's dequantized weights) gets a
         folder in the stage cache for it."""
         loader = get_method(self.cfg.model.loader._target_)
-        if "cache_dir" in inspect.signature(loader).parameters:
+        if self.cfg.cache_base_model and "cache_dir" in inspect.signature(loader).parameters:
             return {"cache_dir": str(self.cache.root / "base_model")}
         return {}
 

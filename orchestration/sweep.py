@@ -28,7 +28,7 @@ from plumbing.io import atomic_write_text
 log = logging.getLogger("run")
 FAILED = "failed.json"
 RUN_CONFIG = "run_config.json"
-NOT_IDENTITY = ("cache_dir", "sweep_name", "checkpointing")  # how it runs, not what the point is
+NOT_IDENTITY = ("cache_dir", "cache_base_model", "sweep_name", "checkpointing")  # how, not what
 
 
 def short_hash(text: str) -> str:
