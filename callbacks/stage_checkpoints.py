@@ -118,9 +118,13 @@ class StageCheckpoints(Checkpoint):
         """Each process gets its own RNG states back (Lightning restores this before the first
         resumed batch; the data replay does not draw from them)."""
         states, rank = checkpoint["rng_states"], trainer.global_rank
-        torch.set_rng_state(states["cpu"][rank])
+
+        def own(stacked: torch.Tensor) -> torch.Tensor:  # a fresh byte tensor: torch reads it raw
+            return stacked[rank].to(torch.uint8).clone()
+
+        torch.set_rng_state(own(states["cpu"]))
         if states["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(states["cuda"][rank])
+            torch.cuda.set_rng_state(own(states["cuda"]))
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step

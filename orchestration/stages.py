@@ -165,9 +165,8 @@ def stage_finetune(exp: Experiment, results: dict) -> None:
         if is_main() and (entry / "diagnostics").is_dir():
             shutil.copytree(entry / "diagnostics", diagnostics, dirs_exist_ok=True)
         log.info("reused fine-tuned model from %s", entry)
-    results["finetuned_adapter_cached"] = str(entry / ADAPTER)
-    if not trained:
         exp.reused.append("finetune")
+    results["finetuned_adapter_cached"] = str(entry / ADAPTER)
     if is_main():
         save_adapter(exp.model, exp.run_dir / "adapters" / "finetuned.safetensors")
         summary = diagnostics / SUMMARY
@@ -230,7 +229,6 @@ def run_eval(exp: Experiment, generations_path: Path, tag: str) -> dict:
             "prompts": config_key({"prompts": exp.splits.eval_prompts}),
         }
     )
-
     evaluated = False
 
     def evaluate() -> dict:
@@ -254,9 +252,10 @@ def run_eval(exp: Experiment, generations_path: Path, tag: str) -> dict:
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
     entry = exp.cached("eval", key, evaluate, write, meta={"tag": tag})
-    if is_main() and not evaluated:
-        shutil.copyfile(entry / "generations.jsonl", generations_path)
+    if not evaluated:
         exp.reused.append(f"eval_{tag}")
+        if is_main():
+            shutil.copyfile(entry / "generations.jsonl", generations_path)
     return json.loads((entry / "metrics.json").read_text())
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from functools import partial
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,3 +202,68 @@ def test_the_preemption_signal_saves_a_checkpoint_then_reaches_the_previous_hand
         assert len(calls) == 2
     finally:
         signal.signal(signal.SIGUSR2, previous)
+
+
+def _fit_in_one_of_two_processes(rank: int, port: int, out_dir: str, resume_from: str | None):
+    """One DDP process (gloo) of a Panacea fit with checkpoints, started as torchrun would."""
+    import os
+
+    import lightning as L
+
+    from datamodules.formatting import PromptFormatter
+    from plumbing.models import load_tiny_tokenizer
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE="2",
+        NODE_RANK="0",
+        LOCAL_RANK=str(rank),
+        RANK=str(rank),
+    )
+    torch.set_num_threads(1)
+    formatter = PromptFormatter(load_tiny_tokenizer(), "chat", max_length=96)
+    model, dm, module = build(formatter, "panacea", n_user=12)
+    out = Path(out_dir)
+    trainer = L.Trainer(
+        max_epochs=EPOCHS,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        logger=False,
+        enable_checkpointing=True,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[StageCheckpoints(out / ("again" if resume_from else "first"), 1, 100)],
+    )
+    torch.manual_seed(0)
+    trainer.fit(module, datamodule=dm, ckpt_path=resume_from, weights_only=False)
+    final = {"adapter": adapter(model), "epsilon": module.epsilon, "drawn": module.harmful.drawn}
+    torch.save(final, out / f"{'resumed' if resume_from else 'whole'}_rank{rank}.pt")
+
+
+@pytest.mark.e2e
+def test_a_ddp_fit_resumes_exactly_on_every_process(tmp_path):
+    """2 processes, each its own shard of the data, of the defender's batches and its own RNG
+    stream (dropout): resumed from a mid-epoch checkpoint, both end as the uninterrupted fit."""
+    import torch.multiprocessing as mp
+
+    from helpers.training import _free_port
+
+    mp.spawn(_fit_in_one_of_two_processes, args=(_free_port(), str(tmp_path), None), nprocs=2)
+    saved = checkpoints_newest_first(tmp_path / "first")
+    assert len(saved) == 6  # 6 samples per process, batches of 4: 2 steps per epoch
+    assert torch.load(saved[0], weights_only=False)["rng_states"]["cpu"].shape[0] == 2
+    middle = tmp_path / "first" / "step-00000003.ckpt"  # the first step of the second epoch
+    mp.spawn(
+        _fit_in_one_of_two_processes, args=(_free_port(), str(tmp_path), str(middle)), nprocs=2
+    )
+    for rank in (0, 1):
+        whole = torch.load(tmp_path / f"whole_rank{rank}.pt", weights_only=False)
+        resumed = torch.load(tmp_path / f"resumed_rank{rank}.pt", weights_only=False)
+        assert resumed["drawn"] == whole["drawn"] == 6
+        for part in ("adapter", "epsilon"):
+            assert all(torch.equal(resumed[part][k], v) for k, v in whole[part].items()), (
+                rank,
+                part,
+            )
