@@ -206,22 +206,13 @@ def test_the_preemption_signal_saves_a_checkpoint_then_reaches_the_previous_hand
 
 def _fit_in_one_of_two_processes(rank: int, port: int, out_dir: str, resume_from: str | None):
     """One DDP process (gloo) of a Panacea fit with checkpoints, started as torchrun would."""
-    import os
-
     import lightning as L
 
     from datamodules.formatting import PromptFormatter
+    from helpers.training import as_one_of_two_processes
     from plumbing.models import load_tiny_tokenizer
 
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE="2",
-        NODE_RANK="0",
-        LOCAL_RANK=str(rank),
-        RANK=str(rank),
-    )
-    torch.set_num_threads(1)
+    as_one_of_two_processes(rank, port)
     formatter = PromptFormatter(load_tiny_tokenizer(), "chat", max_length=96)
     model, dm, module = build(formatter, "panacea", n_user=12)
     out = Path(out_dir)

@@ -66,9 +66,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _one_of_two_processes(rank, port, build, strategy, out_dir, attrs):
-    """A process started from outside Lightning (as torchrun or SLURM would start it): Lightning
-    reads its rank from the environment and launches nothing."""
+def as_one_of_two_processes(rank: int, port: int) -> None:
+    """Make this process one of 2 started from outside Lightning (as torchrun or SLURM would start
+    it): Lightning reads its rank from the environment and launches nothing."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -78,6 +78,10 @@ def _one_of_two_processes(rank, port, build, strategy, out_dir, attrs):
         RANK=str(rank),
     )
     torch.set_num_threads(1)
+
+
+def _one_of_two_processes(rank, port, build, strategy, out_dir, attrs):
+    as_one_of_two_processes(rank, port)
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     module, dm = build()
