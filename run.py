@@ -68,6 +68,8 @@ def run_grid_point(cfg: DictConfig, run_dir: Path) -> dict | None:
     done = broadcast(finished(run_dir, point_key(cfg)))  # rank 0 decides, before anyone writes
     if done is not None:
         log.info("skipped %s: finished before with the same config", run_dir)
+        if is_main():  # a refusal recorded by a grid of another config is not this point's
+            clear_failure(run_dir)
         return done
     try:
         claim(run_dir, cfg)  # a directory of another config is refused, before anything is deleted
