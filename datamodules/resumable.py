@@ -14,6 +14,8 @@ The class is a DataLoader, so Lightning can still swap in a DistributedSampler u
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch.utils.data import DataLoader
 
@@ -34,35 +36,28 @@ class ResumableDataLoader(DataLoader):
     def __iter__(self):
         # A generator: nothing runs until the first batch is asked for, which is after Lightning
         # has set the sampler's epoch, exactly as the plain DataLoader draws its shuffle.
-        skip = 0
-        if self._resume_at is not None:
-            passes, skip = self._resume_at
-            self._resume_at = None
-            with torch.random.fork_rng():
-                for _ in range(passes - 1):  # the finished passes
-                    self._replayed_pass()
-            if skip >= len(self):  # the checkpoint closed a pass: the next one starts fresh
-                with torch.random.fork_rng():
-                    self._replayed_pass()
-                skip = 0
-        self.passes_started += 1
-        self.batches_yielded = skip
-        if skip:  # the pass was under way: its shuffle and base seed were drawn before the save
-            with torch.random.fork_rng():
-                batches = super().__iter__()
-                for _ in range(skip):
-                    next(batches)
-        else:
-            batches = super().__iter__()
+        passes, skip = self._resume_at or (0, 0)
+        self._resume_at = None
+        if skip >= len(self):  # the checkpoint closed a pass: the next one starts fresh
+            passes, skip = passes + 1, 0
+        with torch.random.fork_rng():
+            for _ in range(passes - 1):  # the finished passes
+                self._pass(skip=len(self))
+        # a pass under way had drawn its shuffle and base seed before the save: not again
+        with torch.random.fork_rng() if skip else nullcontext():
+            batches = self._pass(skip)
         for batch in batches:
             self.batches_yielded += 1
             yield batch
 
-    def _replayed_pass(self) -> None:
-        """Exactly len(self) batches, as the trainer takes them: exhausting the iterator instead
+    def _pass(self, skip: int):
+        """A new pass's iterator, its first `skip` batches taken. A finished pass is replayed with
+        skip = len(self), exactly the batches the trainer takes: exhausting the iterator instead
         would run RandomSampler's epilogue, which draws one more permutation from the generator
         when the last batch is full (the trainer never asks past the last batch)."""
         self.passes_started += 1
+        self.batches_yielded = skip
         batches = super().__iter__()
-        for _ in range(len(self)):
+        for _ in range(skip):
             next(batches)
+        return batches
