@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from evaluation.results import RESULTS
 from orchestration.stages import claim, run
 from orchestration.summary import print_summary
-from orchestration.sweep import FAILED, clear_failure, finished, point_key, record_failure
+from orchestration.sweep import FAILED, clear_failure, finished, record_failure
 from orchestration.validation import validate_config
 from plumbing import distributed
 from plumbing.distributed import broadcast, is_main
@@ -65,7 +65,7 @@ def main(cfg: DictConfig) -> dict | None:
 def run_grid_point(cfg: DictConfig, run_dir: Path) -> dict | None:
     """One point of a multirun: skipped if it finished before with the same config; a failure is
     recorded in failed.json and the sweep goes on (orchestration/sweep.py)."""
-    done = broadcast(finished(run_dir, point_key(cfg)))  # rank 0 decides, before anyone writes
+    done = broadcast(finished(run_dir, cfg))  # rank 0 decides, before anyone writes
     if done is not None:
         log.info("skipped %s: finished before with the same config", run_dir)
         if is_main():  # a refusal recorded by a grid of another config is not this point's

@@ -1,8 +1,9 @@
 """What makes a grid restartable and honest about failures.
 
-- A point's identity is `point_key(cfg)`: the hash of its resolved config (less where the cache
-  lives). `results.json` records it; a rerun of the grid skips a point whose results.json holds
-  the same key, and redoes any other (unfinished, failed, or run with another config).
+- A point's identity is `point_key(cfg)`: the hash of its resolved config (less how it runs:
+  NOT_IDENTITY). `results.json` records it, and `run_config.json` the identity itself; a rerun
+  of the grid skips a point that finished with the same identity, and redoes any other
+  (unfinished, failed, or run with another config).
 - A point that raises writes `failed.json` (error and traceback) instead, and the sweep goes on
   to the next point; the report shows it as failed, and `SweepSummary` makes the command exit
   non-zero at the end.
@@ -53,9 +54,8 @@ def claim_run_dir(run_dir: Path, cfg: DictConfig) -> None:
     """A run directory holds the outputs of ONE config: the first run records it in
     run_config.json; a later run of another config into it is refused, naming the keys that
     differ, before anything is written (a rerun of the same config goes on: it resumes)."""
-    path, mine = run_dir / RUN_CONFIG, identity(cfg)
-    if path.is_file():
-        theirs = json.loads(path.read_text())
+    theirs, mine = recorded_identity(run_dir), identity(cfg)
+    if theirs is not None:
         if theirs != mine:
             a, b = _flat(theirs), _flat(mine)
             differ = sorted(
@@ -72,7 +72,17 @@ def claim_run_dir(run_dir: Path, cfg: DictConfig) -> None:
                 f"or delete {run_dir}"
             )
     else:
-        atomic_write_text(path, json.dumps(mine, indent=1, sort_keys=True, default=str) + "\n")
+        text = json.dumps(mine, indent=1, sort_keys=True, default=str) + "\n"
+        atomic_write_text(run_dir / RUN_CONFIG, text)
+
+
+def recorded_identity(run_dir: Path) -> dict | None:
+    """The identity in the directory's run_config.json, less the keys that are NOT_IDENTITY now:
+    a key moved there later (cache_base_model was) does not make a finished point another config."""
+    path = run_dir / RUN_CONFIG
+    if not path.is_file():
+        return None
+    return {k: v for k, v in json.loads(path.read_text()).items() if k not in NOT_IDENTITY}
 
 
 def _flat(tree, prefix: str = "") -> dict:
@@ -82,8 +92,11 @@ def _flat(tree, prefix: str = "") -> dict:
     return {prefix.removesuffix("."): tree}
 
 
-def finished(run_dir: Path, key: str) -> dict | None:
-    """The saved results if this point already finished with this exact config, else None."""
+def finished(run_dir: Path, cfg: DictConfig) -> dict | None:
+    """The saved results if this point already finished with this config, else None: the
+    results' point_key is this config's, or (results written by a version whose NOT_IDENTITY
+    was smaller) the directory's recorded identity is. A results.json always belongs to the
+    recorded config: a run of another config is refused, and a redone point deletes it first."""
     path = run_dir / RESULTS
     if not path.is_file():
         return None
@@ -94,7 +107,8 @@ def finished(run_dir: Path, key: str) -> dict | None:
         ValidationError,
     ):  # unreadable or of an older schema: redo the point
         return None
-    return results if results.get("point_key") == key else None
+    same = results.get("point_key") == point_key(cfg) or recorded_identity(run_dir) == identity(cfg)
+    return results if same else None
 
 
 def record_failure(run_dir: Path, err: BaseException) -> None:

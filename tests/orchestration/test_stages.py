@@ -332,3 +332,22 @@ def test_a_run_directory_of_another_config_is_refused_untouched(tiny_cfg, tmp_pa
     assert after == before
     # the same config goes on (it resumes), and checkpointing settings are not the run's identity
     run_module.run(tiny_cfg("stages=[align]", "checkpointing.every_n_steps=1"), tmp_path / "run")
+
+
+def test_a_key_moved_out_of_the_identity_keeps_finished_points(tiny_cfg, tmp_path, monkeypatch):
+    """A point finished by a version that counted `checkpointing` as part of a run's identity is
+    still finished, and its directory still claimable, once that key is NOT_IDENTITY."""
+    import orchestration.sweep as sweep
+
+    cfg = tiny_cfg()
+    older = tuple(k for k in sweep.NOT_IDENTITY if k != "checkpointing")
+    with monkeypatch.context() as m:
+        m.setattr(sweep, "NOT_IDENTITY", older)
+        results = run_module.run(cfg, tmp_path / "run")
+    assert results["point_key"] != sweep.point_key(cfg)  # the older key: the hash cannot match
+    assert sweep.finished(tmp_path / "run", cfg)["point_key"] == results["point_key"]
+    sweep.claim_run_dir(tmp_path / "run", cfg)  # not "another config"
+    other = tiny_cfg("seed=1")
+    assert sweep.finished(tmp_path / "run", other) is None
+    with pytest.raises(Exception, match="another config; keys that differ: .*seed"):
+        sweep.claim_run_dir(tmp_path / "run", other)
