@@ -29,7 +29,9 @@ from plumbing.io import atomic_write_text
 log = logging.getLogger("run")
 FAILED = "failed.json"
 RUN_CONFIG = "run_config.json"
-NOT_IDENTITY = ("cache_dir", "cache_base_model", "sweep_name", "checkpointing")  # how, not what
+# How a run is carried out, not what it computes: left out of its identity. `logger` names the
+# run directory itself (save_dir), so a grid moved, or run from another checkout, stays finished.
+NOT_IDENTITY = ("cache_dir", "cache_base_model", "sweep_name", "checkpointing", "logger")
 
 
 def short_hash(text: str) -> str:

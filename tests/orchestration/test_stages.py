@@ -340,13 +340,15 @@ def test_a_key_moved_out_of_the_identity_keeps_finished_points(tiny_cfg, tmp_pat
     import orchestration.sweep as sweep
 
     cfg = tiny_cfg()
-    older = tuple(k for k in sweep.NOT_IDENTITY if k != "checkpointing")
+    older = tuple(k for k in sweep.NOT_IDENTITY if k != "checkpointing")  # as cache_base_model was
     with monkeypatch.context() as m:
         m.setattr(sweep, "NOT_IDENTITY", older)
         results = run_module.run(cfg, tmp_path / "run")
     assert results["point_key"] != sweep.point_key(cfg)  # the older key: the hash cannot match
     assert sweep.finished(tmp_path / "run", cfg)["point_key"] == results["point_key"]
     sweep.claim_run_dir(tmp_path / "run", cfg)  # not "another config"
+    moved = tiny_cfg("+logger.save_dir=/elsewhere")  # a logger writes into the run directory
+    assert sweep.finished(tmp_path / "run", moved) is not None
     other = tiny_cfg("seed=1")
     assert sweep.finished(tmp_path / "run", other) is None
     with pytest.raises(Exception, match="another config; keys that differ: .*seed"):
