@@ -19,8 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from evaluation.results import RESULTS
-from orchestration.stages import claim, run
+from orchestration.stages import run
 from orchestration.summary import print_summary
 from orchestration.sweep import FAILED, clear_failure, finished, record_failure
 from orchestration.validation import validate_config
@@ -72,11 +71,9 @@ def run_grid_point(cfg: DictConfig, run_dir: Path) -> dict | None:
             clear_failure(run_dir)
         return done
     try:
-        claim(run_dir, cfg)  # a directory of another config is refused, before anything is deleted
         if is_main():
             clear_failure(run_dir)
-            (run_dir / RESULTS).unlink(missing_ok=True)  # unreadable, or of an older schema
-        results = run(cfg, run_dir)
+        results = run(cfg, run_dir)  # refuses a directory of another config before writing
     except Exception as err:
         if is_main():
             record_failure(run_dir, err)

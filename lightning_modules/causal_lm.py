@@ -71,6 +71,18 @@ class CausalLMModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.max_grad_norm = max_grad_norm
+        self._cycled: dict[str, CyclingBatches] = {}
+        self._resume_drawn: dict[str, int] = {}  # batches each had drawn at the checkpoint
+
+    def cycled(self, name: str, loader) -> CyclingBatches:
+        """`loader`'s batches drawn from forever, beside the trainer's (the defender's harmful
+        pairs, Lisa's alignment data, SafeInstr's safety samples). Registered under `name`: its
+        count of drawn batches is saved in checkpoints, and a resumed run starts it where it was,
+        so it draws the same batches as an uninterrupted one."""
+        batches = CyclingBatches(loader)
+        batches.fast_forward(self._resume_drawn.get(name, 0))
+        self._cycled[name] = batches
+        return batches
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return list(trainable(self.model).values())
@@ -159,12 +171,14 @@ class CausalLMModule(L.LightningModule):
     strict_loading = False
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """Keeps the adapter's tensors; a defense adds its own state (ε, λ_t, the position in the
-        defender's batches) in its override and calls super()."""
+        """Keeps the adapter's tensors and the count of each `cycled` loader; a defense adds its
+        own state (ε, λ_t) in its override and calls super()."""
         keep = {f"model.{name}" for name in trainable(self.model)}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["batches_drawn"] = {name: b.drawn for name, b in self._cycled.items()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._resume_drawn = dict(checkpoint.get("batches_drawn", {}))
         if "state_dict" not in checkpoint:  # a finished stage's state (orchestration/stages.py)
             return
         missing = {f"model.{name}" for name in trainable(self.model)} - set(
@@ -221,8 +235,8 @@ class MultiPassModule(CausalLMModule):
 class DefenderBatchesModule(MultiPassModule):
     """A multi-pass defense that also draws one batch of the defender's harmful pairs per step
     (Panacea, Antibody's alignment, Booster, RepNoise, T-Vaccine's probe), with the position in
-    the defender's batches saved in checkpoints so that a resumed run draws the same batches.
-    Subclasses call super() in the checkpoint hooks.
+    the defender's batches saved in checkpoints (`cycled`) so that a resumed run draws the same
+    batches. Subclasses call super() in the checkpoint hooks.
 
     harmful_batch_size: defender's harmful samples per step and process."""
 
@@ -237,7 +251,6 @@ class DefenderBatchesModule(MultiPassModule):
         super().__init__(model, optimizer, scheduler, max_grad_norm)
         self.harmful_batch_size = harmful_batch_size
         self.harmful: CyclingBatches | None = None
-        self._resume_drawn = 0
 
     def on_train_start(self) -> None:
         """The datamodule's defender-held harmful pairs (each with a refusal view), cycled, from
@@ -251,13 +264,4 @@ class DefenderBatchesModule(MultiPassModule):
             raise InputError(
                 f"{type(self).__name__} needs defender-held harmful samples: set data.n_defender >= 1"
             )
-        self.harmful = CyclingBatches(loader)
-        self.harmful.fast_forward(self._resume_drawn)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["harmful_batches_drawn"] = self.harmful.drawn if self.harmful else 0
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self._resume_drawn = checkpoint.get("harmful_batches_drawn", 0)
+        self.harmful = self.cycled("harmful", loader)

@@ -72,7 +72,6 @@ class LisaModule(CausalLMModule):
         self.clock = 0
         self.anchors: dict[str, dict[str, torch.Tensor]] = {}
         self.modes: list[str] = []  # the mode of every step taken
-        self._resume_drawn = 0
 
     @staticmethod
     def hyperparameter_problems(values: dict) -> list[str]:
@@ -99,8 +98,7 @@ class LisaModule(CausalLMModule):
         )
         if len(loader.dataset) == 0:
             raise InputError("lisa needs alignment data during fine-tuning: set data.n_align >= 1")
-        self.alignment = CyclingBatches(loader)
-        self.alignment.fast_forward(self._resume_drawn)
+        self.alignment = self.cycled("alignment", loader)
 
     def next_mode(self, step: int) -> tuple[str, bool]:
         """(the mode of this step, whether it switches into it), by the reference's rule."""
@@ -148,7 +146,6 @@ class LisaModule(CausalLMModule):
                 k: {n: full(t).cpu() for n, t in anchor.items()}
                 for k, anchor in self.anchors.items()
             },
-            "alignment_batches_drawn": self.alignment.drawn if self.alignment else 0,
             "modes": self.modes,
         }
 
@@ -158,5 +155,4 @@ class LisaModule(CausalLMModule):
         self.mode = state.get("mode", self.mode)
         self.clock = state.get("clock", 0)
         self.anchors = state.get("anchors", {})
-        self._resume_drawn = state.get("alignment_batches_drawn", 0)
         self.modes = list(state.get("modes", []))

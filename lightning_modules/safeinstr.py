@@ -109,7 +109,6 @@ class SafeInstrModule(CausalLMModule):
         self.lam, self.safety_batch_size, self.sample_seed = lam, safety_batch_size, sample_seed
         self.safety: CyclingBatches | None = None
         self.added: list[dict] = []  # the safety samples of this run, in their drawn order
-        self._resume_drawn = 0  # joint safety batches drawn before the checkpoint resumed from
 
     @staticmethod
     def hyperparameter_problems(values: dict) -> list[str]:
@@ -178,24 +177,16 @@ class SafeInstrModule(CausalLMModule):
         if self.mode != "joint" or self.k == 0:
             return
         dm = self.trainer.datamodule
-        self.safety = CyclingBatches(
+        self.safety = self.cycled(
+            "safety",
             dm.samples_dataloader(
                 self.added,
                 self.safety_batch_size,
                 dm.seed + 3,
                 self.trainer.world_size,
                 self.trainer.global_rank,
-            )
+            ),
         )
-        self.safety.fast_forward(self._resume_drawn)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["safety_batches_drawn"] = self.safety.drawn if self.safety else 0
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self._resume_drawn = checkpoint.get("safety_batches_drawn", 0)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = super().training_step(batch, batch_idx)

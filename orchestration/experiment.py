@@ -246,7 +246,7 @@ class Experiment:
         def write(folder: Path, samples: list[dict]) -> None:
             (folder / "samples.json").write_text(json.dumps(samples, indent=1))
 
-        entry = self.cached("retain", key, compute, write, meta={"n": len(prompts)})
+        entry, _ = self.cached("retain", key, compute, write, meta={"n": len(prompts)})
         return json.loads((entry / "samples.json").read_text())
 
     def cached(
@@ -256,14 +256,16 @@ class Experiment:
         compute: Callable[[], T],
         write: Callable[[Path, T], None],
         meta: dict | Callable[[], dict],
-    ) -> Path:
-        """The cache entry (stage, key), looked up, or made: `compute()` runs on EVERY process (it may
-        train or generate together), `write(folder, computed)` on rank 0, which also holds the
-        entry's file lock throughout, so that parallel grid points build it once. A training
-        `compute` checkpoints into `self.cache.checkpoints(stage, key)`, removed once stored."""
+    ) -> tuple[Path, bool]:
+        """The cache entry (stage, key), and whether it was found finished rather than made now.
+        Made: `compute()` runs on EVERY process (it may train or generate together),
+        `write(folder, computed)` on rank 0, which also holds the entry's file lock throughout, so
+        that parallel grid points build it once. A training `compute` checkpoints into
+        `self.cache.checkpoints(stage, key)`, removed once stored."""
         with self.cache.lock(stage, key) if is_main() else nullcontext():
             entry = broadcast(self.cache.lookup(stage, key))
-            if entry is None:
+            found = entry is not None
+            if not found:
                 computed = compute()
                 if is_main():
                     entry = self.cache.store(
@@ -274,7 +276,7 @@ class Experiment:
                     )
                     shutil.rmtree(self.cache.checkpoints(stage, key), ignore_errors=True)
                 entry = broadcast(entry)
-        return entry
+        return entry, found
 
     # --- training -----------------------------------------------------------------------------
     def alignment_data(self) -> SupervisedDataModule:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from filelock import FileLock
+
+from plumbing.io import build_directory
 
 
 def config_key(determinants: dict) -> str:
@@ -48,18 +48,12 @@ class StageCache:
         return path if (path / "meta.json").is_file() else None
 
     def store(self, stage: str, key: str, write: Callable[[Path], None], meta: dict) -> Path:
-        """Call `write(tmp_dir)` to fill a temp dir, add meta.json, then rename it into place."""
-        final = self.entry(stage, key)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{key}.", suffix=".tmp"))
-        try:
-            write(tmp)
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
-            if final.exists():  # a concurrent run finished first: keep its entry
-                shutil.rmtree(tmp)
-            else:
-                tmp.rename(final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return final
+        """`write(folder)` fills the entry, then meta.json is added; built in a temporary folder
+        and renamed into place (a concurrent run that finished first keeps its entry)."""
+
+        def fill(folder: Path) -> None:
+            write(folder)
+            text = json.dumps(meta, indent=2, sort_keys=True, default=str)
+            (folder / "meta.json").write_text(text)
+
+        return build_directory(self.entry(stage, key), fill)

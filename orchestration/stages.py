@@ -10,6 +10,7 @@ import inspect
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from plumbing.models import load_adapter, save_adapter
 log = logging.getLogger("run")
 ADAPTER = "adapter.safetensors"
 MODULE_STATE = "module_state.pt"
+WHAT = {"align": "aligned", "finetune": "fine-tuned"}  # what a training stage's output is
 
 
 def instantiate_with_run_objects(node, available: dict):
@@ -59,90 +61,71 @@ def build_callbacks(exp: Experiment, stage: str) -> list:
 
 def stage_align(exp: Experiment, results: dict) -> None:
     """Base model + refusal data -> aligned adapter, cached under the alignment config's key."""
-    entry = align_once(exp, exp.align_key())
-    load_adapter(exp.model, entry / ADAPTER)
-    results.update(aligned_adapter=str(entry / ADAPTER), aligned_reused="align" not in exp.timings)
-    if (entry / "diagnostics").is_dir():  # a cached alignment's diagnostics travel with it
-        shutil.copytree(
-            entry / "diagnostics", exp.run_dir / "align_diagnostics", dirs_exist_ok=True
-        )
+    entry, reused = trained_stage(
+        exp,
+        "align",
+        exp.align_key(),
+        exp.module(exp.cfg.align),
+        exp.alignment_data,
+        meta={
+            "n_align": len(exp.splits.align_prompts),
+            "model": exp.cfg.model.name,
+            "n_retain": exp.cfg.data.n_retain,
+        },
+    )
+    results.update(aligned_adapter=str(entry / ADAPTER), aligned_reused=reused)
+    if (entry / "diagnostics" / SUMMARY).is_file():
         results["align_diagnostics"] = json.loads((entry / "diagnostics" / SUMMARY).read_text())
     if exp.cfg.eval.evaluate_aligned and "eval" in exp.cfg.stages:
         aligned = run_eval(exp, exp.run_dir / "generations_aligned.jsonl", tag="aligned")
         results.update({f"aligned_{k}": v for k, v in aligned.items()})
 
 
-def align_once(exp: Experiment, key: str) -> Path:
-    """The cache entry of the aligned adapter: looked up, or trained and stored (parallel grid
-    points wait for one alignment under the entry's lock, then reuse it)."""
-    trained = False
-    diagnostics = exp.run_dir / "align_diagnostics"
-
-    def train() -> None:
-        nonlocal trained
-        if is_main():  # only this alignment's files go to the cache
-            shutil.rmtree(diagnostics, ignore_errors=True)
-        exp.fit(
-            "align",
-            exp.module(exp.cfg.align),
-            exp.alignment_data(),
-            exp.cfg.align,
-            build_callbacks(exp, "align"),
-            checkpoints=exp.cache.checkpoints("align", key),
-        )
-        trained = True
-
-    def write(folder: Path, _) -> None:
-        save_adapter(exp.model, folder / ADAPTER)
-        if (diagnostics / SUMMARY).is_file():
-            shutil.copytree(diagnostics, folder / "diagnostics")
-
-    entry = exp.cached(
-        "align",
-        key,
-        train,
-        write,
-        meta=lambda: {
-            "n_align": len(exp.splits.align_prompts),
-            "model": exp.cfg.model.name,
-            "n_retain": exp.cfg.data.n_retain,
-            "config": plain(exp.cfg.align),
-            "seconds": exp.timings["align"],
-        },
-    )
-    log.info("aligned model written to %s" if trained else "reused aligned model from %s", entry)
-    return entry
-
-
 def stage_finetune(exp: Experiment, results: dict) -> None:
     """Aligned adapter + the user's poisoned set -> fine-tuned adapter: the same adapter trained on
     (finetune.adapter=continue), or a fresh one over the base with the aligned adapter merged (new).
 
-    Cached like the alignment, under `Experiment.finetune_key`, with the module's own state (such
-    as Panacea's ε, which the post stage adds) and its diagnostics: runs that differ only after
+    Cached like the alignment, under `Experiment.finetune_key`: runs that differ only after
     fine-tuning (a post transform's intensity, another judge or eval set) train it once."""
     results["finetune_adapter"] = exp.cfg.finetune.adapter
     if exp.cfg.finetune.adapter == "new":
         exp.new_adapter(seed=exp.cfg.finetune.seed)
-    exp.finetune_module = exp.module(exp.cfg.finetune)
-    key = exp.finetune_key()
-    diagnostics = exp.run_dir / "finetune_diagnostics"
-    trained = False
+    exp.finetune_module = exp.module(exp.cfg.finetune)  # a post transform may read its state
+    entry, _ = trained_stage(
+        exp, "finetune", exp.finetune_key(), exp.finetune_module, exp.finetune_data
+    )
+    results["finetuned_adapter_cached"] = str(entry / ADAPTER)
+    if (entry / "diagnostics" / SUMMARY).is_file():
+        results["finetune_diagnostics"] = json.loads((entry / "diagnostics" / SUMMARY).read_text())
+    if is_main():
+        save_adapter(exp.model, exp.run_dir / "adapters" / "finetuned.safetensors")
+
+
+def trained_stage(
+    exp: Experiment, stage: str, key: str, module, data: Callable, meta: dict | None = None
+) -> tuple[Path, bool]:
+    """The stage's cache entry (and whether it was found finished): the adapter, the module's own
+    state (what its `on_save_checkpoint` adds, such as Panacea's ε) and the stage's diagnostics.
+
+    Found: the adapter and the state are loaded into the model and `module`, and the diagnostics
+    copied into the run directory. Else `module` is trained on `data()` (resuming from the stage's
+    newest checkpoint) and the entry stored; parallel grid points wait for one training under the
+    entry's lock, then reuse it."""
+    diagnostics = exp.run_dir / f"{stage}_diagnostics"
+    stage_cfg = exp.cfg[stage]
 
     def train() -> dict:
-        nonlocal trained
-        if is_main():
+        if is_main():  # only this training's files go to the cache
             shutil.rmtree(diagnostics, ignore_errors=True)
         exp.fit(
-            "finetune",
-            exp.finetune_module,
-            exp.finetune_data(),
-            exp.cfg.finetune,
-            build_callbacks(exp, "finetune"),
-            checkpoints=exp.cache.checkpoints("finetune", key),
+            stage,
+            module,
+            data(),
+            stage_cfg,
+            build_callbacks(exp, stage),
+            checkpoints=exp.cache.checkpoints(stage, key),
         )
-        trained = True
-        return module_state(exp.finetune_module)  # on every process: it may gather shards
+        return module_state(module)  # on every process: it may gather shards
 
     def write(folder: Path, state: dict) -> None:
         save_adapter(exp.model, folder / ADAPTER)
@@ -150,28 +133,28 @@ def stage_finetune(exp: Experiment, results: dict) -> None:
         if (diagnostics / SUMMARY).is_file():
             shutil.copytree(diagnostics, folder / "diagnostics")
 
-    entry = exp.cached(
-        "finetune",
+    entry, reused = exp.cached(
+        stage,
         key,
         train,
         write,
-        meta=lambda: {"config": plain(exp.cfg.finetune), "seconds": exp.timings["finetune"]},
+        meta=lambda: {
+            **(meta or {}),
+            "config": plain(stage_cfg),
+            "seconds": exp.timings[stage],
+        },
     )
-    if not trained:
+    if reused:
         load_adapter(exp.model, entry / ADAPTER)
-        exp.finetune_module.on_load_checkpoint(
-            torch.load(entry / MODULE_STATE, map_location="cpu", weights_only=False)
-        )
+        if (entry / MODULE_STATE).is_file():  # (alignments cached before 2026-11-24 have none)
+            module.on_load_checkpoint(
+                torch.load(entry / MODULE_STATE, map_location="cpu", weights_only=False)
+            )
         if is_main() and (entry / "diagnostics").is_dir():
             shutil.copytree(entry / "diagnostics", diagnostics, dirs_exist_ok=True)
-        log.info("reused fine-tuned model from %s", entry)
-        exp.reused.append("finetune")
-    results["finetuned_adapter_cached"] = str(entry / ADAPTER)
-    if is_main():
-        save_adapter(exp.model, exp.run_dir / "adapters" / "finetuned.safetensors")
-        summary = diagnostics / SUMMARY
-        if summary.is_file():
-            results["finetune_diagnostics"] = json.loads(summary.read_text())
+        exp.reused.append(stage)
+    log.info("%s model %s %s", WHAT[stage], "reused from" if reused else "stored in", entry)
+    return entry, reused
 
 
 def module_state(module) -> dict:
@@ -229,11 +212,8 @@ def run_eval(exp: Experiment, generations_path: Path, tag: str) -> dict:
             "prompts": config_key({"prompts": exp.splits.eval_prompts}),
         }
     )
-    evaluated = False
 
     def evaluate() -> dict:
-        nonlocal evaluated
-        evaluated = True
         with exp.timed(f"eval_{tag}"):
             return evaluate_model(
                 exp.model,
@@ -251,8 +231,8 @@ def run_eval(exp: Experiment, generations_path: Path, tag: str) -> dict:
         shutil.copyfile(generations_path, folder / "generations.jsonl")
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
-    entry = exp.cached("eval", key, evaluate, write, meta={"tag": tag})
-    if not evaluated:
+    entry, reused = exp.cached("eval", key, evaluate, write, meta={"tag": tag})
+    if reused:
         exp.reused.append(f"eval_{tag}")
         if is_main():
             shutil.copyfile(entry / "generations.jsonl", generations_path)
@@ -277,12 +257,15 @@ def defense_parts(cfg: DictConfig) -> dict[str, str | None]:
 
 
 def claim(run_dir: Path, cfg: DictConfig) -> None:
-    """`claim_run_dir` decided on rank 0, its refusal raised on every process."""
+    """`claim_run_dir` decided on rank 0, its refusal raised on every process. A claimed directory
+    loses the results.json of a run before (unreadable, of an older schema, or about to be
+    written again): results.json exists only where the latest run finished."""
     problem = None
     if is_main():
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
             claim_run_dir(run_dir, cfg)
+            (run_dir / RESULTS).unlink(missing_ok=True)
         except InputError as err:
             problem = str(err)
     problem = broadcast(problem)

@@ -1,10 +1,13 @@
-"""Atomic file writes (a killed run never leaves a partial file under the final name) and JSONL."""
+"""Atomic file and directory writes (a killed run never leaves a partial file or folder under
+the final name) and JSONL."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -19,6 +22,27 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def build_directory(final: Path, fill: Callable[[Path], None]) -> Path:
+    """`fill(tmp)` fills a temporary sibling of `final`, which is then renamed to `final`: a
+    killed writer leaves only a hidden .tmp folder. If `final` appeared meanwhile (a parallel
+    writer finished first), that one is kept and this one discarded."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        fill(tmp)
+        try:
+            tmp.rename(final)
+        except OSError:  # a non-empty `final` exists
+            if not final.is_dir():
+                raise
+            shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

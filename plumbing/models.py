@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from plumbing.errors import InputError
+from plumbing.io import build_directory
 
 ASSETS = Path(__file__).parent / "assets"
 TINY_TOKENIZER = ASSETS / "tiny_tokenizer.json"
@@ -107,11 +105,10 @@ BUFFER = "buffer:"  # prefix of the non-persistent buffers among the stored tens
 def _store_base(entry: Path, model, tokenizer) -> None:
     """Config, tokenizer and tensors (weights, tied ones once, and the non-persistent buffers),
     built in a temporary sibling and renamed into place (parallel commands: the first wins)."""
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f".{entry.name}.", suffix=".tmp"))
-    try:
-        model.config.to_json_file(str(tmp / "config.json"))
-        tokenizer.save_pretrained(str(tmp))
+
+    def fill(folder: Path) -> None:
+        model.config.to_json_file(str(folder / "config.json"))
+        tokenizer.save_pretrained(str(folder))
         tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
         if model.config.tie_word_embeddings:
             tensors.pop("lm_head.weight", None)
@@ -119,15 +116,9 @@ def _store_base(entry: Path, model, tokenizer) -> None:
         tensors.update(
             {BUFFER + n: b.contiguous() for n, b in model.named_buffers() if n not in persistent}
         )
-        save_file(tensors, str(tmp / WEIGHTS))
-        os.rename(tmp, entry)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (entry / WEIGHTS).is_file():
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        save_file(tensors, str(folder / WEIGHTS))
+
+    build_directory(entry, fill)
 
 
 def _load_base(entry: Path):

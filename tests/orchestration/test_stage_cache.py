@@ -26,7 +26,7 @@ def test_aligned_model_is_reused_across_ratio_defense_stage_and_seed(tiny_cfg, t
         tiny_cfg("harmful_ratio=0.5", "finetune.seed=3", "finetune.sample_seed=4"), tmp_path / "b"
     )
     assert second["aligned_reused"]
-    assert f"reused aligned model from {tmp_path / 'cache' / 'align'}" in caplog.text
+    assert f"aligned model reused from {tmp_path / 'cache' / 'align'}" in caplog.text
     assert second["aligned_adapter"] == first["aligned_adapter"]
     assert second["aligned_harmful_score"] == first["aligned_harmful_score"]
     # anything that determines alignment gives a new entry
@@ -63,4 +63,4 @@ def test_multirun_sweep_aligns_once(tmp_path):
     )
     assert results == [0, 0.5]
     assert len(cache_entries(tmp_path)) == 1
-    assert "reused aligned model from" in done.stdout + done.stderr
+    assert "aligned model reused from" in done.stdout + done.stderr
