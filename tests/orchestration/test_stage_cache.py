@@ -25,7 +25,11 @@ def test_aligned_model_is_reused_across_ratio_defense_stage_and_seed(tiny_cfg, t
     second = run_module.run(
         tiny_cfg("harmful_ratio=0.5", "finetune.seed=3", "finetune.sample_seed=4"), tmp_path / "b"
     )
-    assert second["aligned_reused"]
+    assert second["aligned_reused"] and "align" in second["reused"]
+    entry = tmp_path / "cache" / "align" / cache_entries(tmp_path)[0]
+    assert {"adapter.safetensors", "module_state.pt", "meta.json"} <= {
+        p.name for p in entry.iterdir()
+    }
     assert f"aligned model reused from {tmp_path / 'cache' / 'align'}" in caplog.text
     assert second["aligned_adapter"] == first["aligned_adapter"]
     assert second["aligned_harmful_score"] == first["aligned_harmful_score"]

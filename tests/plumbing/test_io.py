@@ -1,0 +1,36 @@
+"""Atomic directories: a killed writer leaves no folder under the final name, and of two parallel
+writers the first to finish is kept."""
+
+import pytest
+
+from plumbing.io import build_directory
+
+
+def test_a_built_directory_appears_whole_and_leaves_no_temporary_folder(tmp_path):
+    def fill(folder):
+        assert not (tmp_path / "entry").exists()  # nothing under the final name while filling
+        (folder / "a.txt").write_text("a")
+
+    assert build_directory(tmp_path / "entry", fill) == tmp_path / "entry"
+    assert [p.name for p in tmp_path.iterdir()] == ["entry"]
+    assert (tmp_path / "entry" / "a.txt").read_text() == "a"
+
+
+def test_a_writer_killed_while_filling_leaves_nothing(tmp_path):
+    def dying(folder):
+        (folder / "partial").write_text("x")
+        raise KeyboardInterrupt("killed")
+
+    with pytest.raises(KeyboardInterrupt):
+        build_directory(tmp_path / "entry", dying)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_first_of_two_writers_to_finish_is_kept(tmp_path):
+    def slower(folder):  # another writer finishes while this one fills
+        build_directory(tmp_path / "entry", lambda f: (f / "first").write_text("1"))
+        (folder / "second").write_text("2")
+
+    assert build_directory(tmp_path / "entry", slower) == tmp_path / "entry"
+    assert sorted(p.name for p in (tmp_path / "entry").iterdir()) == ["first"]
+    assert [p.name for p in tmp_path.iterdir()] == ["entry"]
