@@ -9,8 +9,9 @@ harmful_ratio; cells: HS and FA as the mean over the seeds that finished with it
 p-value of its per-prompt outcomes against sft's at the same ratio and seed on the same prompts,
 pooled over the seeds both finished.
 The expected grid is read from the sweep's multirun.yaml, so a point that failed (failed.json) or
-never finished is shown as such in its cell, never silently dropped. Writes table.md, table.csv,
-hs_vs_ratio.png, fa_vs_ratio.png and hs_fa_tradeoff.png (to the sweep directory by default).
+never finished is shown as such in its cell, never silently dropped. table.md ends with the compute the points took (their stage seconds).
+Writes table.md, table.csv, hs_vs_ratio.png, fa_vs_ratio.png and hs_fa_tradeoff.png (to the sweep
+directory by default).
 """
 
 from __future__ import annotations
@@ -144,13 +145,17 @@ def paired_test(points: list[Point], done: dict[frozenset, Point], short: str) -
     }
 
 
+def swept_keys(points: list[Point]) -> list[str]:
+    """The overrides whose value differs between points."""
+    return sorted(
+        {k for p in points for k in p.overrides if len({q.overrides.get(k) for q in points}) > 1}
+    )
+
+
 def summarize(points: list[Point], level: float = DEFAULT_LEVEL) -> list[dict]:
     """One row per (label, harmful_ratio), labels in the grid's order: mean, std and t interval
     over seeds, the paired test against sft, and the count of each status."""
-    varying = {
-        k for p in points for k in p.overrides if len({q.overrides.get(k) for q in points}) > 1
-    }
-    swept = sorted(varying)
+    swept = swept_keys(points)
     done = {
         frozenset(f"{k}={v}" for k, v in p.overrides.items()): p
         for p in points
@@ -181,11 +186,58 @@ def summarize(points: list[Point], level: float = DEFAULT_LEVEL) -> list[dict]:
             row[f"{short}_ci_low"], row[f"{short}_ci_high"] = interval or (None, None)
             test = (paired_test(finished, done, short) if compared else None) or {}
             row.update({f"{short}_{column}": test.get(column) for column in PAIRED_COLUMNS})
+        row["stage_seconds"] = round(sum(stage_seconds(p) for p in finished), 1)
         row["errors"] = "; ".join(sorted({p.error for p in group if p.error}))
         rows.append(row)
     # rows in the grid's own order (an experiment file lists a paper table's rows in its order)
     order = list(dict.fromkeys(r["row"] for r in rows))  # labels as they first appear
     return sorted(rows, key=lambda r: (order.index(r["row"]), _as_float(r[COLUMN])))
+
+
+def stage_seconds(point: Point) -> float:
+    """What a finished point computed, in seconds: its results' `seconds`, summed (a stage or
+    evaluation found in the stage cache is not in them)."""
+    return sum(point.results.get("seconds", {}).values())
+
+
+def median_seconds(points: list[Point], prefix: str) -> str:
+    """The median seconds of the stages named `prefix`... over the points that computed one
+    (how many in brackets), or "cached" if none did."""
+    values = [
+        sum(v for k, v in p.results.get("seconds", {}).items() if k.startswith(prefix))
+        for p in points
+        if any(k.startswith(prefix) for k in p.results.get("seconds", {}))
+    ]
+    return f"{statistics.median(values):.0f} ({len(values)})" if values else "cached"
+
+
+def compute_markdown(points: list[Point]) -> list[str]:
+    """Per row label: the median seconds of alignment, fine-tuning and the evaluations (over the
+    points that computed them), and the stage time all its finished points took."""
+    swept = swept_keys(points)
+    finished = [p for p in points if p.status == "done"]
+    labels = list(dict.fromkeys(row_label(p, swept) for p in finished))
+    total = sum(stage_seconds(p) for p in finished) / 3600
+    lines = [
+        "",
+        "## Compute",
+        "",
+        f"Stage time of the {len(finished)} finished points: {total:.2f} h, the sum of their "
+        "results' `seconds` (a stage found in the stage cache is not counted, and a point's "
+        "start-up is not a stage). Per defense, the median seconds of each stage over the points "
+        "that computed it (how many in brackets; `cached`: none did).",
+        "",
+        "| defense | points | alignment | fine-tuning | evaluations | stage time (h) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label in labels:
+        mine = [p for p in finished if row_label(p, swept) == label]
+        hours = sum(stage_seconds(p) for p in mine) / 3600
+        lines.append(
+            f"| {label} | {len(mine)} | {median_seconds(mine, 'align')} | "
+            f"{median_seconds(mine, 'finetune')} | {median_seconds(mine, 'eval_')} | {hours:.2f} |"
+        )
+    return lines
 
 
 def _as_float(value) -> float:
@@ -231,7 +283,7 @@ def cell_text(row: dict) -> str:
     return f"{text} ({', '.join(notes)})" if notes else text
 
 
-def markdown(rows: list[dict]) -> str:
+def markdown(rows: list[dict], points: list[Point]) -> str:
     ratios = sorted({r[COLUMN] for r in rows}, key=_as_float)
     labels = list(dict.fromkeys(r["row"] for r in rows))
     lookup = {(r["row"], r[COLUMN]): r for r in rows}
@@ -254,6 +306,7 @@ def markdown(rows: list[dict]) -> str:
     errors = [f"- {r['row']}, p = {r[COLUMN]}: {r['errors']}" for r in rows if r["errors"]]
     if errors:
         lines += ["", "Failed points:", *errors]
+    lines += compute_markdown(points)
     return "\n".join(lines) + "\n"
 
 
@@ -330,7 +383,7 @@ def report(sweep_dir: Path, out: Path | None = None, level: float = DEFAULT_LEVE
             "missing): nothing to report yet; see the points' failed.json, or run the grid again"
         )
     rows = summarize(points, level)
-    atomic_write_text(out / "table.md", markdown(rows))
+    atomic_write_text(out / "table.md", markdown(rows, points))
     write_csv(out / "table.csv", rows)
     plot(rows, out)
     return rows

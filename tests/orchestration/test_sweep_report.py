@@ -16,7 +16,14 @@ TASK = [f"review {i}" for i in range(4)]
 
 
 def write_point(
-    sweep, defense, seed, harmful: list[bool], correct: list[bool], ratio="0.2", seed_key="seed"
+    sweep,
+    defense,
+    seed,
+    harmful: list[bool],
+    correct: list[bool],
+    ratio="0.2",
+    seed_key="seed",
+    seconds=None,
 ):
     folder = sweep / f"{defense}_p{ratio}_s{seed}"
     (folder / ".hydra").mkdir(parents=True)
@@ -50,7 +57,7 @@ def write_point(
             "n_retain": 4,
             "n_defender": 100,
             "n_user_harmful_pool": 77,
-            "seconds": {},
+            "seconds": seconds or {},
             "run_dir": str(folder),
             "point_key": "k",
             "processes": 1,
@@ -160,3 +167,25 @@ def test_rows_keep_the_grids_order():
     assert [(r["row"], r["harmful_ratio"]) for r in rows] == [
         (d, r) for d in ("sft", "vaccine", "booster", "antidote") for r in ("0.1", "0.2")
     ]
+
+
+def test_the_table_ends_with_the_compute_the_points_took(tmp_path):
+    sweep = tmp_path / "sweep"
+    outcome = ([True] * 5 + [False] * 5, [True] * 4)
+    write_point(
+        sweep,
+        "sft",
+        0,
+        *outcome,
+        seconds={"align": 400.0, "finetune": 100.0, "eval_aligned": 60.0, "eval_deployed": 70.0},
+    )
+    write_point(sweep, "sft", 1, *outcome, seconds={"finetune": 120.0, "eval_deployed": 50.0})
+    write_point(sweep, "sft", 2, *outcome, seconds={"finetune": 200.0, "eval_deployed": 40.0})
+    write_point(sweep, "random_perturb", 0, *outcome, seconds={"eval_deployed": 36.0})
+    rows = {r["row"]: r for r in report(sweep)}
+    assert rows["sft"]["stage_seconds"] == 400 + 100 + 60 + 70 + 120 + 50 + 200 + 40
+    table = (sweep / "table.md").read_text()
+    assert "Stage time of the 4 finished points: 0.30 h" in table  # 1076 s
+    # medians over the points that computed the stage: evaluations 130, 50, 40 per point
+    assert "| sft | 3 | 400 (1) | 120 (3) | 50 (3) | 0.29 |" in table
+    assert "| random_perturb | 1 | cached | cached | 36 (1) | 0.01 |" in table
