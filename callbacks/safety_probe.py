@@ -33,6 +33,10 @@ class SafetyProbe(L.Callback):
     optimizer steps. n_prompts, n_harmful: sizes of the fixed probe sets. max_new_tokens,
     batch_size: generation of the probe answers. folder, evaluation_data, judge: given by the run."""
 
+    # What it writes is measured while the stage trains: a stage found in the stage cache cannot
+    # supply it, so its config is part of the stage's cache key (Experiment.observers).
+    observes_training = True
+
     def __init__(
         self,
         stages: list[str],

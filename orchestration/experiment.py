@@ -140,8 +140,9 @@ class Experiment:
 
     # --- cache keys -------------------------------------------------------------------------
     def align_key(self) -> str:
-        """Everything that determines the aligned adapter, and nothing else: the configs and the
-        alignment texts themselves (so an edit of the refusals or retain instructions counts)."""
+        """Everything that determines the aligned adapter (and what is stored with it), and nothing
+        else: the configs and the alignment texts themselves (so an edit of the refusals or
+        retain instructions counts), and the callbacks that observe the training."""
         cfg = self.cfg
         texts = {
             "align_prompts": self.splits.align_prompts,
@@ -156,6 +157,7 @@ class Experiment:
                 "data": plain(cfg.data),
                 "align": plain(cfg.align),
                 "texts": config_key(texts),
+                **self.observers("align"),
             }
         )
 
@@ -188,8 +190,23 @@ class Experiment:
                 "task": plain(cfg.task),
                 "finetune": plain(cfg.finetune),
                 "texts": config_key(texts),
+                **self.observers("finetune"),
             }
         )
+
+    def observers(self, stage: str) -> dict:
+        """The configs of the stage's callbacks that measure the training as it runs (a class with
+        `observes_training = True`, such as the safety probe) and the judge they use: a stage
+        trained without one cannot supply its output, so they belong in the stage's key. Empty
+        (nothing added to the key) when the stage has none."""
+        found = {
+            name: plain(node)
+            for name, node in (self.cfg.get("callbacks") or {}).items()
+            if node is not None
+            and stage in node.stages
+            and getattr(get_class(node._target_), "observes_training", False)
+        }
+        return {"observers": found, "judge": plain(self.cfg.judge)} if found else {}
 
     def model_fingerprint(self) -> str:
         """A hash of the model as it is now: its config, the adapters merged into it, and the

@@ -1,7 +1,8 @@
 """One run: align -> finetune -> post -> eval, each stage a function of the run's Experiment.
 
-The alignment (and the aligned model's evaluation) is looked up in the stage cache first: a run
-that differs only in what comes after alignment reuses it. Only rank 0 writes files.
+Each training stage and each evaluation is looked up in the stage cache first: a run that
+differs only in what comes after a stage reuses it, and a killed run resumes from the cache.
+Only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def trained_stage(
     def write(folder: Path, state: dict) -> None:
         save_adapter(exp.model, folder / ADAPTER)
         torch.save(state, folder / MODULE_STATE)
-        if (diagnostics / SUMMARY).is_file():
+        if diagnostics.is_dir():  # the defense's figures, the probe's measurements
             shutil.copytree(diagnostics, folder / "diagnostics")
 
     entry, reused = exp.cached(

@@ -115,16 +115,17 @@ def test_one_override_turns_the_probe_on_in_a_run(tiny_cfg, tmp_path):
     from orchestration.stages import run
 
     assert tiny_cfg().callbacks.safety_probe is None  # off by default
+    # the same fine-tuning, trained and cached without the probe first
+    run(compose_tracked(tmp_path, f"logger.save_dir={tmp_path / 'plain'}"), tmp_path / "plain")
+    probed = [
+        "callbacks=safety_probe",
+        "callbacks.safety_probe.every_n_steps=1",
+        "callbacks.safety_probe.n_prompts=2",
+    ]
     results = run(
-        compose_tracked(
-            tmp_path,
-            "callbacks=safety_probe",
-            "callbacks.safety_probe.every_n_steps=1",
-            "callbacks.safety_probe.n_prompts=2",
-            f"logger.save_dir={tmp_path}",
-        ),
-        tmp_path / "run",
+        compose_tracked(tmp_path, *probed, f"logger.save_dir={tmp_path}"), tmp_path / "run"
     )
+    assert "finetune" not in results["reused"]  # the probe measures the training: it trains
     rows = (tmp_path / "run" / "finetune_diagnostics" / "safety_probe.csv").read_text().splitlines()
     assert len(rows) == 1 + 4  # header; steps 0..3 (20 samples, batch 8)
     logged = (tmp_path / "logs" / "finetune" / "metrics.csv").read_text()
@@ -133,3 +134,11 @@ def test_one_override_turns_the_probe_on_in_a_run(tiny_cfg, tmp_path):
         tmp_path / "run" / "align_diagnostics" / "safety_probe.csv"
     ).exists()  # fine-tuning only
     assert "harmful_score" in results
+    # a run of the same probed config finds it in the cache, the probe's measurements included
+    again = run(
+        compose_tracked(tmp_path, *probed, f"logger.save_dir={tmp_path / 'again'}"),
+        tmp_path / "again",
+    )
+    assert "finetune" in again["reused"]
+    csv = "finetune_diagnostics/safety_probe.csv"
+    assert (tmp_path / "again" / csv).read_text() == (tmp_path / "run" / csv).read_text()
