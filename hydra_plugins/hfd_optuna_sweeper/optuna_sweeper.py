@@ -37,6 +37,19 @@ class OptunaSearchError(CompactHydraException):
 DIRECTIONS = ("minimize", "maximize")
 
 
+def settings_problems(n_trials, n_jobs, max_failures) -> list[str]:
+    """The sweeper's own counts: each a whole number >= 1."""
+    return [
+        f"hydra.sweeper.{name}={value!r} must be a whole number >= 1"
+        for name, value in (
+            ("n_trials", n_trials),
+            ("n_jobs", n_jobs),
+            ("max_failures", max_failures),
+        )
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1
+    ]
+
+
 def search_space_problems(space: dict, config: DictConfig, objectives: dict) -> list[str]:
     """Every problem of a search space and its objectives, before anything runs or is written."""
     problems = []
@@ -91,12 +104,13 @@ class OptunaSweeper(Sweeper):
         study_name: str,
         seed: int = 0,
         n_jobs: int = 1,
+        max_failures: int = 3,
     ):
         super().__init__()
         self.search_space = dict(search_space or {})
         self.objectives = dict(objectives or {})
         self.n_trials, self.storage, self.study_name = n_trials, storage, study_name
-        self.seed, self.n_jobs = seed, n_jobs
+        self.seed, self.n_jobs, self.max_failures = seed, n_jobs, max_failures
         self.config: DictConfig | None = None
         self.launcher = None
         self.hydra_context: HydraContext | None = None
@@ -124,7 +138,8 @@ class OptunaSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> Any:
         import optuna
 
-        problems = search_space_problems(self.search_space, self.config, self.objectives)
+        problems = settings_problems(self.n_trials, self.n_jobs, self.max_failures)
+        problems += search_space_problems(self.search_space, self.config, self.objectives)
         if problems:  # before the study or any run directory exists
             raise OptunaSearchError("invalid Optuna search:\n  - " + "\n  - ".join(problems))
         fixed = self.fixed_overrides(list(arguments))
@@ -142,6 +157,7 @@ class OptunaSweeper(Sweeper):
             study.tell(stale.number, state=optuna.trial.TrialState.FAIL)  # a killed earlier sweep
         # a continued study draws on from where it was, not the first trials' values again
         study.sampler = optuna.samplers.TPESampler(seed=self.seed + len(study.trials))
+        failed_in_a_row = 0  # a cause every trial shares (a bad fixed override) ends the study
         while True:
             finished = len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
             if finished >= self.n_trials:
@@ -151,11 +167,20 @@ class OptunaSweeper(Sweeper):
             self.validate_batch_is_legal(batch)
             returns = self.launcher.launch(batch, initial_job_idx=trials[0].number)
             for trial, job in zip(trials, returns):
-                self.tell(study, trial, job)
+                failed_in_a_row = 0 if self.tell(study, trial, job) else failed_in_a_row + 1
+            if failed_in_a_row >= self.max_failures:
+                self.write_summary(study, sweep_dir / "tuning.json")
+                raise OptunaSearchError(
+                    f"the last {failed_in_a_row} trials failed (hydra.sweeper.max_failures="
+                    f"{self.max_failures}): the study stops. Their errors are in the failed.json "
+                    f"of their points in {sweep_dir}; fix the cause and run the same command "
+                    "again to continue the study"
+                )
         self.write_summary(study, sweep_dir / "tuning.json")
         return study
 
-    def tell(self, study, trial, job) -> None:
+    def tell(self, study, trial, job) -> bool:
+        """Report the trial's objectives to the study; False if it failed."""
         import optuna
 
         try:
@@ -165,8 +190,9 @@ class OptunaSweeper(Sweeper):
             results = None
         if not results or any(results.get(m) is None for m in self.objectives):
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            return
+            return False
         study.tell(trial, [float(results[m]) for m in self.objectives])
+        return True
 
     def write_summary(self, study, path: Path) -> None:
         """Every trial and the best ones (the Pareto front with several objectives)."""

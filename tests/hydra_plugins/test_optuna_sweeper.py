@@ -102,3 +102,33 @@ def test_search_space_problems_name_each_bad_entry():
         "search_space 'defense.finetune.rho': int needs low < high",
         "objective 'harmful_score': direction 'lowest' must be one of ('minimize', 'maximize')",
     ]
+
+
+@pytest.mark.e2e
+def test_a_study_whose_trials_all_fail_stops(tmp_path):
+    """A bad fixed override fails every trial (each point records it): the study stops after
+    max_failures of them instead of asking for trials forever."""
+    sweep = tmp_path / "sweep"
+    result = run_tiny(
+        tmp_path,
+        "-m",
+        "experiment=tune_panacea_rho",
+        "harmful_ratio=1.5",
+        "hydra.sweeper.max_failures=2",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert result.returncode == 1
+    assert "the last 2 trials failed (hydra.sweeper.max_failures=2)" in result.stderr
+    assert [t.state.name for t in study(sweep / "optuna.db").trials] == ["FAIL", "FAIL"]
+    assert len(list(sweep.glob("*/failed.json"))) == 2
+
+
+def test_the_sweepers_counts_are_checked():
+    from hydra_plugins.hfd_optuna_sweeper.optuna_sweeper import settings_problems
+
+    assert settings_problems(12, 1, 3) == []
+    assert settings_problems(0, True, 1.5) == [
+        "hydra.sweeper.n_trials=0 must be a whole number >= 1",
+        "hydra.sweeper.n_jobs=True must be a whole number >= 1",
+        "hydra.sweeper.max_failures=1.5 must be a whole number >= 1",
+    ]
