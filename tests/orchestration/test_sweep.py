@@ -186,3 +186,25 @@ def test_experiment_files_compose_into_sweeps():
             "config", overrides=["setting=panacea_paper", "model=qwen2_5_0_5b", "task=gsm8k"]
         )
         assert (small.model.loader.name, small.eval.n_task) == ("Qwen/Qwen2.5-0.5B", 1000)
+
+
+def test_a_grid_points_directory_name_leaves_out_what_its_identity_leaves_out():
+    """hydra's override_dirname exclude_keys (conf/config.yaml) name the same keys as
+    NOT_IDENTITY: a grid rerun with `logger=wandb` or another cache_dir finds its points."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from orchestration.sweep import NOT_IDENTITY
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", return_hydra_config=True)
+    excluded = set(cfg.hydra.job.config.override_dirname.exclude_keys)
+    values = OmegaConf.to_container(cfg, resolve=False)
+    expected = set()
+    for key in NOT_IDENTITY:
+        node = values[key]
+        if (Path(CONF) / key).is_dir() or not isinstance(node, dict):  # a group, or a value
+            expected.add(key)
+        else:  # a block of values: each is its own command-line key
+            expected |= {f"{key}.{leaf}" for leaf in node}
+    assert excluded == expected
