@@ -27,8 +27,13 @@ import torch.distributed as dist
 
 from datamodules.cycling import to_device
 from lightning_modules.causal_lm import CausalLMModule, DefenderBatchesModule, answer_token_nll
+from lightning_modules.checks import (
+    batch_size_problems,
+    is_number,
+    nonnegative_problems,
+    raise_problems,
+)
 from lightning_modules.gradients import cosine, global_dot, global_norm, moved
-from plumbing.errors import InputError
 from plumbing.models import trainable
 
 LAMBDA_RULES = ("cosine", "theorem")
@@ -68,15 +73,36 @@ class AntibodyAlignModule(DefenderBatchesModule):
         harmful_batch_size: int = 16,
         max_grad_norm: float | None = None,
     ):
+        raise_problems(
+            self.hyperparameter_problems(
+                {
+                    "alpha": alpha,
+                    "eta": eta,
+                    "ema_momentum": ema_momentum,
+                    "lambda2": lambda2,
+                    "lambda_rule": lambda_rule,
+                    "harmful_batch_size": harmful_batch_size,
+                }
+            )
+        )
         super().__init__(model, optimizer, scheduler, harmful_batch_size, max_grad_norm)
-        if lambda_rule not in LAMBDA_RULES:
-            raise InputError(f"antibody lambda_rule={lambda_rule!r} is not one of {LAMBDA_RULES}")
-        if not 0.0 <= ema_momentum < 1.0:
-            raise InputError(f"antibody ema_momentum={ema_momentum} must be in [0, 1)")
         self.alpha, self.eta, self.ema_momentum, self.lambda2 = alpha, eta, ema_momentum, lambda2
         self.lambda_rule = lambda_rule
         self.lambda_t: torch.Tensor | None = None
         self.history: list[dict] = []
+
+    @staticmethod
+    def hyperparameter_problems(values: dict) -> list[str]:
+        problems = nonnegative_problems(values, ("alpha", "lambda2"))  # η may be negative
+        problems += batch_size_problems(values)
+        if "eta" in values and not is_number(values["eta"]):
+            problems.append(f"eta={values['eta']!r} must be a number")
+        if values.get("lambda_rule", "cosine") not in LAMBDA_RULES:
+            problems.append(f"lambda_rule={values['lambda_rule']!r} must be one of {LAMBDA_RULES}")
+        momentum = values.get("ema_momentum", 0.99)
+        if not (is_number(momentum) and 0.0 <= momentum < 1.0):
+            problems.append(f"ema_momentum={momentum!r} must be a number in [0, 1)")
+        return problems
 
     def raw_lambda(
         self, A: list[torch.Tensor], S: list[torch.Tensor], cos_A_S: torch.Tensor
@@ -187,19 +213,30 @@ class WeightedSFTModule(CausalLMModule):
         score_batch_size: int = 16,
         max_grad_norm: float | None = None,
     ):
-        super().__init__(model, optimizer, scheduler, max_grad_norm)
-        if tau <= 0:
-            raise InputError(f"antibody tau={tau} must be > 0")
-        if softmax_over not in SOFTMAX_SCOPES:
-            raise InputError(
-                f"antibody softmax_over={softmax_over!r} is not one of {SOFTMAX_SCOPES}"
+        raise_problems(
+            self.hyperparameter_problems(
+                {"tau": tau, "softmax_over": softmax_over, "score_batch_size": score_batch_size}
             )
+        )
+        super().__init__(model, optimizer, scheduler, max_grad_norm)
         self.tau = tau
         self.softmax_over = softmax_over
         self.score_batch_size = score_batch_size
         self.step_records: list[dict] = []
         self.scores_before: list[dict] = []
         self.scores_after: list[dict] = []
+
+    @staticmethod
+    def hyperparameter_problems(values: dict) -> list[str]:
+        problems = batch_size_problems(values, "score_batch_size")
+        tau = values.get("tau", 1.0)
+        if not (is_number(tau) and tau > 0):
+            problems.append(f"tau={tau!r} must be a number > 0")
+        if values.get("softmax_over", "global") not in SOFTMAX_SCOPES:
+            problems.append(
+                f"softmax_over={values['softmax_over']!r} must be one of {SOFTMAX_SCOPES}"
+            )
+        return problems
 
     def setup(self, stage: str) -> None:
         self.trainer.datamodule.enable_refusal_view()

@@ -7,7 +7,7 @@ from __future__ import annotations
 from plumbing.errors import InputError
 
 
-def _is_number(x) -> bool:
+def is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
@@ -16,7 +16,7 @@ def nonnegative_problems(values: dict, keys: tuple[str, ...]) -> list[str]:
     return [
         f"{k}={values[k]!r} must be a number >= 0"
         for k in keys
-        if k in values and (not _is_number(values[k]) or values[k] < 0)
+        if k in values and (not is_number(values[k]) or values[k] < 0)
     ]
 
 

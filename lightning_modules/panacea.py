@@ -19,6 +19,12 @@ from collections.abc import Callable
 import torch
 
 from lightning_modules.causal_lm import DefenderBatchesModule
+from lightning_modules.checks import (
+    batch_size_problems,
+    is_number,
+    nonnegative_problems,
+    raise_problems,
+)
 from lightning_modules.gradients import full, global_norm, moved
 from plumbing.models import trainable
 
@@ -42,11 +48,31 @@ class PanaceaModule(DefenderBatchesModule):
         harmful_loss_clamp: float | None = 5.0,
         max_grad_norm: float | None = None,
     ):
+        raise_problems(
+            self.hyperparameter_problems(
+                {
+                    "rho": rho,
+                    "lam": lam,
+                    "harmful_batch_size": harmful_batch_size,
+                    "harmful_loss_clamp": harmful_loss_clamp,
+                }
+            )
+        )
         super().__init__(model, optimizer, scheduler, harmful_batch_size, max_grad_norm)
         self.rho = rho
         self.lam = lam
         self.harmful_loss_clamp = harmful_loss_clamp
         self.epsilon: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def hyperparameter_problems(values: dict) -> list[str]:
+        """A negative ρ or λ would turn the perturbation or its penalty around; the clamp bounds a
+        cross-entropy (>= 0), so one <= 0 would zero the harmful term."""
+        problems = nonnegative_problems(values, ("rho", "lam")) + batch_size_problems(values)
+        clamp = values.get("harmful_loss_clamp")
+        if clamp is not None and (not is_number(clamp) or clamp <= 0):
+            problems.append(f"harmful_loss_clamp={clamp!r} must be a number > 0, or null (off)")
+        return problems
 
     # --- one step ---------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from datamodules.formatting import collate
+from lightning_modules.checks import nonnegative_problems, raise_problems
 from lightning_modules.hooks import forward_hooks
 from plumbing.errors import InputError
 from plumbing.models import trainable
@@ -37,10 +38,16 @@ class AddGaussianNoise:
     """The random-perturbation baseline: w_T + N(0, intensity²) on every trainable weight."""
 
     def __init__(self, intensity: float, seed: int = 0):
-        if intensity < 0:
-            raise InputError(f"random perturbation intensity={intensity} must be >= 0")
+        raise_problems(self.hyperparameter_problems({"intensity": intensity, "seed": seed}))
         self.intensity = intensity
         self.seed = seed
+
+    @staticmethod
+    def hyperparameter_problems(values: dict) -> list[str]:
+        problems = nonnegative_problems(values, ("intensity", "seed"))
+        if "seed" in values and not isinstance(values["seed"], int):
+            problems.append(f"seed={values['seed']!r} must be an integer >= 0")
+        return problems
 
     def __call__(self, model: torch.nn.Module, finetuned_by=None) -> None:
         generator = torch.Generator().manual_seed(self.seed)

@@ -59,7 +59,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lightning_modules.causal_lm import DefenderBatchesModule
-from lightning_modules.checks import nonnegative_problems
+from lightning_modules.checks import batch_size_problems, nonnegative_problems
 from lightning_modules.hooks import decoder_stack, hooked_modules, recording_outputs
 from plumbing.errors import InputError
 from plumbing.models import trainable
@@ -72,7 +72,7 @@ FINAL_NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "fina
 def hyperparameter_problems(values: dict) -> list[str]:
     """Messages for bad alpha / beta / ascent_mean among `values` (keys absent: the defaults);
     checked on the config before any model loads, and by the constructor."""
-    problems = nonnegative_problems(values, ("alpha", "beta"))
+    problems = nonnegative_problems(values, ("alpha", "beta")) + batch_size_problems(values)
     if "ascent_mean" in values and values["ascent_mean"] not in ASCENT_MEANS:
         problems.append(
             f"ascent_mean={values['ascent_mean']!r} must be one of {list(ASCENT_MEANS)} "

@@ -23,6 +23,10 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _is_integer(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def config_problems(cfg: DictConfig) -> list[str]:
     problems = []
     p = cfg.harmful_ratio
@@ -98,6 +102,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
                 f"{stage}.max_grad_norm={norm!r} must be a number > 0, or null (no clipping)"
             )
     problems += checkpointing_problems(cfg)
+    problems += training_problems(cfg)
     problems += hyperparameter_problems(cfg)
     if cfg.model.template not in TEMPLATES:
         problems.append(f"model.template={cfg.model.template!r} must be one of {list(TEMPLATES)}")
@@ -116,12 +121,48 @@ def config_problems(cfg: DictConfig) -> list[str]:
     return problems
 
 
+def _select(cfg: DictConfig, key: str):
+    return OmegaConf.select(cfg, key, default=None)
+
+
+def training_problems(cfg: DictConfig) -> list[str]:
+    """Values that would otherwise fail only when a stage starts (a negative seed), or not at all
+    (lr=0 trains nothing; a negative n_retain takes every retain sample)."""
+    problems = []
+    for key in ("seed", "align.seed", "finetune.seed", "finetune.sample_seed", "data.split_seed"):
+        value = _select(cfg, key)
+        if value is not None and (not _is_integer(value) or value < 0):
+            problems.append(f"{key}={value!r} must be an integer >= 0")
+    for stage in ("align", "finetune"):
+        optimizer = cfg[stage].optimizer
+        lr, decay = optimizer.get("lr"), optimizer.get("weight_decay", 0.0)
+        if lr is not None and (not _is_number(lr) or lr <= 0):
+            problems.append(f"{stage}.optimizer.lr={lr!r} must be a number > 0")
+        if not _is_number(decay) or decay < 0:
+            problems.append(f"{stage}.optimizer.weight_decay={decay!r} must be a number >= 0")
+    lora = cfg.model.lora
+    if not _is_integer(lora.r) or lora.r < 1:
+        problems.append(f"model.lora.r={lora.r!r} must be an integer >= 1")
+    if not _is_number(lora.alpha) or lora.alpha <= 0:
+        problems.append(f"model.lora.alpha={lora.alpha!r} must be a number > 0")
+    if not _is_number(lora.dropout) or not 0 <= lora.dropout < 1:
+        problems.append(f"model.lora.dropout={lora.dropout!r} must be a number in [0, 1)")
+    n_retain = _select(cfg, "data.n_retain")
+    if n_retain is not None and (not _is_integer(n_retain) or n_retain < 0):
+        problems.append(f"data.n_retain={n_retain!r} must be an integer >= 0")
+    for name, callback in (cfg.get("callbacks") or {}).items():
+        if callback is not None and not set(callback.get("stages", [])) <= {"align", "finetune"}:
+            problems.append(
+                f"callbacks.{name}.stages={list(callback.stages)} must name training stages: "
+                "align, finetune"
+            )
+    return problems
+
+
 def checkpointing_problems(cfg: DictConfig) -> list[str]:
     c = cfg.checkpointing
     problems = []
-    if c.every_n_steps is not None and (
-        not isinstance(c.every_n_steps, int) or c.every_n_steps < 1
-    ):
+    if c.every_n_steps is not None and (not _is_integer(c.every_n_steps) or c.every_n_steps < 1):
         problems.append(
             f"checkpointing.every_n_steps={c.every_n_steps!r} must be an integer >= 1, or null "
             "(a checkpoint after each epoch's last step only)"

@@ -58,10 +58,63 @@ def test_gpu_trainer_without_gpu_is_refused_before_any_work(tiny_cfg):
         ),
         (["finetune.adapter=reuse"], "finetune.adapter='reuse' must be one of"),
         (
+            [
+                "defense=panacea",
+                "defense.finetune.lam=-0.1",
+                "defense.finetune.harmful_loss_clamp=0",
+            ],
+            "(?s)defense.finetune.lam=-0.1 must be a number >= 0.*"
+            "defense.finetune.harmful_loss_clamp=0 must be a number > 0, or null",
+        ),
+        (
+            ["defense=panacea", "defense.finetune.harmful_batch_size=0"],
+            "defense.finetune.harmful_batch_size=0 must be an integer >= 1",
+        ),
+        (
+            ["defense=antibody_align", "defense.align.ema_momentum=1.0", "defense.align.alpha=-1"],
+            "(?s)defense.align.alpha=-1 must be a number >= 0.*"
+            r"defense.align.ema_momentum=1.0 must be a number in \[0, 1\)",
+        ),
+        (
+            ["defense=antibody_weighting", "defense.finetune.tau=0"],
+            "defense.finetune.tau=0 must be a number > 0",
+        ),
+        (
+            ["defense=repnoise", "defense.align.harmful_batch_size=0"],
+            "defense.align.harmful_batch_size=0 must be an integer >= 1",
+        ),
+        (
+            ["defense=random_perturb", "defense.post.intensity=-0.01"],
+            "defense.post.intensity=-0.01 must be a number >= 0",
+        ),
+        (
             ["checkpointing.every_n_steps=0"],
             "checkpointing.every_n_steps=0 must be an integer >= 1",
         ),
         (["checkpointing.keep_last=0"], "checkpointing.keep_last=0 must be an integer >= 1"),
+        (
+            ["checkpointing.every_n_steps=true"],
+            "checkpointing.every_n_steps=True must be an integer >= 1",
+        ),
+        (
+            ["finetune.sample_seed=-1", "align.seed=1.5"],
+            "(?s)align.seed=1.5 must be an integer >= 0.*finetune.sample_seed=-1 must be",
+        ),
+        (
+            ["finetune.optimizer.lr=0", "align.optimizer.weight_decay=-0.1"],
+            "(?s)align.optimizer.weight_decay=-0.1 must be a number >= 0.*"
+            "finetune.optimizer.lr=0 must be a number > 0",
+        ),
+        (
+            ["model.lora.r=0", "model.lora.alpha=-4", "model.lora.dropout=1.0"],
+            r"(?s)model.lora.r=0 must be an integer >= 1.*model.lora.alpha=-4 must be a number > 0"
+            r".*model.lora.dropout=1.0 must be a number in \[0, 1\)",
+        ),
+        (["data.n_retain=-5"], "data.n_retain=-5 must be an integer >= 0"),
+        (
+            ["callbacks=safety_probe", "callbacks.safety_probe.stages=[fintune]"],
+            r"callbacks.safety_probe.stages=\['fintune'\] must name training stages",
+        ),
         (["trainer=fsdp_cpu"], "not supported under FSDP2 yet.*checkpointing.enabled=false"),
         (
             ["defense=safeinstr", "defense.finetune.safety_samples=500"],
