@@ -73,10 +73,12 @@ def test_part_hyperparameters_are_overridden_by_short_paths(tiny_cfg):
     assert tiny_cfg("defense=random_perturb", "defense.post.intensity=0.5").post.intensity == 0.5
 
 
-def test_a_post_part_is_dropped_with_null(tiny_cfg):
-    cfg = tiny_cfg("defense=panacea", "defense.post=null")
+@pytest.mark.parametrize("drop", ["defense.post=null", "~defense/post"])
+@pytest.mark.parametrize("preset", [p for p, parts in PRESETS.items() if parts[2] is not None])
+def test_a_post_part_is_dropped_with_null_or_by_removing_the_group(tiny_cfg, preset, drop):
+    cfg = tiny_cfg(f"defense={preset}", drop)
     assert cfg.post is None and stages.defense_parts(cfg)["post"] is None
-    assert stages.defense_parts(cfg)["finetune"] == "PanaceaModule"
+    assert stages.defense_parts(cfg)["finetune"] == PRESETS[preset][1]
 
 
 def test_each_part_value_is_written_once():
