@@ -41,7 +41,6 @@ class HubTask(Task):
         self,
         n_train: int = 10000,
         n_test: int = 1000,
-        seed: int = 1234,
         train_path: str | None = None,
         test_path: str | None = None,
     ):
@@ -58,7 +57,6 @@ class HubTask(Task):
             )
         self.test = [self.example(row) for row in test[:n_test]]
         self.train = [self.example(row) for row in train[:n_train]]
-        # `seed` is unused: the poisoned set's draw from `train` is seeded by finetune.sample_seed
 
     def example(self, row: dict) -> TaskExample:
         raise NotImplementedError
@@ -130,7 +128,6 @@ class AlpacaEvalTask(HubTask):
         self,
         n_train: int = 700,
         n_test: int = 105,
-        seed: int = 1234,
         path: str | None = None,
         win_judge=None,
     ):
