@@ -59,6 +59,7 @@ class RunInfo(BaseModel):
     seed: int
     model: str
     task: str
+    data: str | None = None  # the harmful data's config name (conf/data/: offline, beavertails)
     stages: list[str]
     checkpoint: str | None
     n: int  # the user's set: n samples, n_harmful of them harmful

@@ -295,6 +295,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "seed": cfg.seed,
         "model": cfg.model.name,
         "task": cfg.task.name,
+        "data": cfg.data.name,
         "stages": list(cfg.stages),
         "checkpoint": cfg.checkpoint,
         "n": cfg.finetune.datamodule.n,

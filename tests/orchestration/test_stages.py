@@ -27,6 +27,7 @@ REQUIRED = {
     "harmful_ratio",
     "seed",
     "model",
+    "data",
     "n_harmful",
     "n_benign",
 }
