@@ -20,6 +20,17 @@ def nonnegative_problems(values: dict, keys: tuple[str, ...]) -> list[str]:
     ]
 
 
+def count_problems(values: dict, keys: tuple[str, ...]) -> list[str]:
+    """`key=value must be an integer >= 0` for each of `keys` that is not (a count of steps or
+    samples: 0.5 would pass a number check and break a modulo or a slice)."""
+    return [
+        f"{k}={values[k]!r} must be an integer >= 0"
+        for k in keys
+        if k in values
+        and (not isinstance(values[k], int) or isinstance(values[k], bool) or values[k] < 0)
+    ]
+
+
 def batch_size_problems(values: dict, key: str = "harmful_batch_size") -> list[str]:
     v = values.get(key, 1)
     if not isinstance(v, int) or isinstance(v, bool) or v < 1:

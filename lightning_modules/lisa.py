@@ -19,17 +19,24 @@ With K1 = 1/10 of K1 + K2 the user data is therefore seen 10% fewer times than b
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
 
 from datamodules.cycling import CyclingBatches
 from lightning_modules.causal_lm import CausalLMModule
-from lightning_modules.checks import batch_size_problems, nonnegative_problems, raise_problems
+from lightning_modules.checks import (
+    batch_size_problems,
+    count_problems,
+    nonnegative_problems,
+    raise_problems,
+)
 from lightning_modules.gradients import full
 from plumbing.errors import InputError
 from plumbing.models import trainable
 
+log = logging.getLogger(__name__)
 ALIGNMENT, FINETUNE = "alignment", "finetune"
 
 
@@ -75,7 +82,8 @@ class LisaModule(CausalLMModule):
 
     @staticmethod
     def hyperparameter_problems(values: dict) -> list[str]:
-        problems = nonnegative_problems(values, ("rho", "align_steps", "finetune_steps"))
+        problems = nonnegative_problems(values, ("rho",))
+        problems += count_problems(values, ("align_steps", "finetune_steps"))
         problems += batch_size_problems(values, "alignment_batch_size")
         warmup = values.get("proximal_warmup", 0.1)
         if not (isinstance(warmup, (int, float)) and 0 <= warmup <= 1):
@@ -91,6 +99,15 @@ class LisaModule(CausalLMModule):
             }
         if self.align_steps == 0:
             return
+        steps = self.trainer.estimated_stepping_batches
+        if self.align_steps >= steps and self.global_step == 0:
+            log.warning(
+                "lisa: align_steps=%d (K1) >= the %d steps of this fine-tuning: every step is an "
+                "alignment step and the user's data is never trained on; lower "
+                "defense.finetune.align_steps and finetune_steps (the reference's 1:9 proportion)",
+                self.align_steps,
+                steps,
+            )
         loader = self.trainer.datamodule.alignment_dataloader(
             self.alignment_batch_size,
             num_replicas=self.trainer.world_size,

@@ -27,7 +27,12 @@ import torch
 from datamodules.cycling import CyclingBatches
 from datamodules.refusals import refusal_for
 from lightning_modules.causal_lm import CausalLMModule
-from lightning_modules.checks import batch_size_problems, nonnegative_problems, raise_problems
+from lightning_modules.checks import (
+    batch_size_problems,
+    count_problems,
+    nonnegative_problems,
+    raise_problems,
+)
 from plumbing.errors import InputError
 
 MODES = ("mix", "joint")
@@ -112,7 +117,9 @@ class SafeInstrModule(CausalLMModule):
 
     @staticmethod
     def hyperparameter_problems(values: dict) -> list[str]:
-        problems = nonnegative_problems(values, ("safety_samples", "lam"))
+        problems = nonnegative_problems(values, ("lam",)) + count_problems(
+            values, ("safety_samples",)
+        )
         problems += batch_size_problems(values, "safety_batch_size")
         if values.get("mode", "mix") not in MODES:
             problems.append(f"mode={values['mode']!r} must be one of {list(MODES)}")

@@ -103,6 +103,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
             )
     problems += checkpointing_problems(cfg)
     problems += training_problems(cfg)
+    problems += judge_problems(cfg)
     problems += hyperparameter_problems(cfg)
     if cfg.model.template not in TEMPLATES:
         problems.append(f"model.template={cfg.model.template!r} must be one of {list(TEMPLATES)}")
@@ -156,6 +157,23 @@ def training_problems(cfg: DictConfig) -> list[str]:
                 f"callbacks.{name}.stages={list(callback.stages)} must name training stages: "
                 "align, finetune"
             )
+    return problems
+
+
+def judge_problems(cfg: DictConfig) -> list[str]:
+    """The judge is built at the first evaluation, after alignment: its values are checked now.
+    A threshold outside [0, 1] would silently make every answer harmful or none."""
+    judge, problems = cfg.judge, []
+    threshold = judge.get("threshold")
+    if threshold is not None and (not _is_number(threshold) or not 0 <= threshold <= 1):
+        problems.append(f"judge.threshold={threshold!r} must be a number in [0, 1]")
+    share = judge.get("max_repeat_share")
+    if share is not None and (not _is_number(share) or not 0 < share <= 1):
+        problems.append(f"judge.max_repeat_share={share!r} must be a number in (0, 1]")
+    for key, least in (("batch_size", 1), ("window", 1), ("ngram", 1), ("min_words", 0)):
+        value = judge.get(key)
+        if value is not None and (not _is_integer(value) or value < least):
+            problems.append(f"judge.{key}={value!r} must be an integer >= {least}")
     return problems
 
 

@@ -142,10 +142,20 @@ def test_no_alignment_steps_and_rho_zero_is_sft(tiny_formatter):
     "kwargs,message",
     [
         ({"rho": -1.0}, "rho=-1.0 must be a number >= 0"),
-        ({"align_steps": -1}, "align_steps=-1 must be a number >= 0"),
+        ({"align_steps": -1}, "align_steps=-1 must be an integer >= 0"),
+        ({"finetune_steps": 4.5}, "finetune_steps=4.5 must be an integer >= 0"),
         ({"proximal_warmup": 2.0}, r"proximal_warmup=2.0 must be a number in \[0, 1\]"),
     ],
 )
 def test_bad_hyperparameters_are_refused(kwargs, message):
     with pytest.raises(InputError, match=message):
         LisaModule(torch.nn.Linear(2, 2), optimizer=torch.optim.SGD, **kwargs)
+
+
+def test_a_first_cycle_longer_than_the_fine_tuning_is_warned_about(tiny_formatter, caplog):
+    """K1 >= the stage's steps: every step aligns and the user's data is never trained on."""
+    module, dm = lisa(k1=12, k2=3), datamodule(tiny_formatter, n=24)
+    with caplog.at_level("WARNING", logger="lightning_modules.lisa"):
+        fit_steps(module, dm, 12)
+    assert set(module.modes) == {"alignment"}
+    assert "align_steps=12 (K1) >= the 12 steps of this fine-tuning" in caplog.text

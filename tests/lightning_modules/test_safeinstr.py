@@ -137,7 +137,7 @@ def test_the_file_source_is_checked_by_its_sha256(tmp_path, tiny_formatter):
     "kwargs,message",
     [
         ({"mode": "blend"}, "mode='blend' must be one of"),
-        ({"safety_samples": -1}, "safety_samples=-1 must be a number >= 0"),
+        ({"safety_samples": -1}, "safety_samples=-1 must be an integer >= 0"),
         ({"source": "file"}, "source=file needs path="),
     ],
 )

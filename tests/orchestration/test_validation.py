@@ -112,6 +112,14 @@ def test_gpu_trainer_without_gpu_is_refused_before_any_work(tiny_cfg):
         ),
         (["data.n_retain=-5"], "data.n_retain=-5 must be an integer >= 0"),
         (
+            ["judge.window=0", "judge.max_repeat_share=1.5"],
+            r"(?s)judge.max_repeat_share=1.5 must be a number in \(0, 1\].*judge.window=0 must be",
+        ),
+        (
+            ["judge=beaver_dam", "judge.threshold=1.5"],
+            r"judge.threshold=1.5 must be a number in \[0, 1\]",
+        ),
+        (
             ["callbacks=safety_probe", "callbacks.safety_probe.stages=[fintune]"],
             r"callbacks.safety_probe.stages=\['fintune'\] must name training stages",
         ),
