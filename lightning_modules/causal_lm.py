@@ -47,6 +47,17 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nll_sum.sum() / count.sum().clamp(min=1)
 
 
+def legacy_batches_drawn(checkpoint: dict) -> dict[str, int]:
+    """The counts of cycled batches as checkpoints written before 2026-11-24 (one key per module)
+    held them, so that a stage killed under the older code still resumes exactly."""
+    legacy = {
+        "harmful": checkpoint.get("harmful_batches_drawn"),
+        "safety": checkpoint.get("safety_batches_drawn"),
+        "alignment": checkpoint.get("lisa", {}).get("alignment_batches_drawn"),
+    }
+    return {name: count for name, count in legacy.items() if count is not None}
+
+
 class CausalLMModule(L.LightningModule):
     """SFT of the trainable (LoRA) parameters of `model` on answer tokens.
 
@@ -178,7 +189,7 @@ class CausalLMModule(L.LightningModule):
         checkpoint["batches_drawn"] = {name: b.drawn for name, b in self._cycled.items()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._resume_drawn = dict(checkpoint.get("batches_drawn", {}))
+        self._resume_drawn = dict(checkpoint.get("batches_drawn", legacy_batches_drawn(checkpoint)))
         if "state_dict" not in checkpoint:  # a finished stage's state (orchestration/stages.py)
             return
         missing = {f"model.{name}" for name in trainable(self.model)} - set(

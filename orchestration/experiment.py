@@ -139,7 +139,7 @@ class Experiment:
         self.model = self.with_lora(self.model.merge_and_unload(), seed)
 
     # --- cache keys -------------------------------------------------------------------------
-    def align_key(self) -> str:
+    def align_key(self, with_observers: bool = True) -> str:
         """Everything that determines the aligned adapter (and what is stored with it), and nothing
         else: the configs and the alignment texts themselves (so an edit of the refusals or
         retain instructions counts), and the callbacks that observe the training."""
@@ -157,7 +157,7 @@ class Experiment:
                 "data": plain(cfg.data),
                 "align": plain(cfg.align),
                 "texts": config_key(texts),
-                **self.observers("align"),
+                **(self.observers("align") if with_observers else {}),
             }
         )
 
@@ -166,7 +166,7 @@ class Experiment:
         later was given (its bytes), or the bare base model."""
         cfg = self.cfg
         if "align" in cfg.stages:
-            return self.align_key()
+            return self.align_key(with_observers=False)  # a probe leaves the adapter as it is
         if cfg.checkpoint == "base":
             return config_key({"model": plain(cfg.model), "start": "base"})
         digest = hashlib.sha256(Path(cfg.checkpoint).read_bytes()).hexdigest()

@@ -56,4 +56,6 @@ class StageCache:
             text = json.dumps(meta, indent=2, sort_keys=True, default=str)
             (folder / "meta.json").write_text(text)
 
-        return build_directory(self.entry(stage, key), fill)
+        return build_directory(
+            self.entry(stage, key), fill, complete=lambda f: (f / "meta.json").is_file()
+        )

@@ -91,15 +91,25 @@ def collect(sweep_dir: Path) -> list[Point]:
     points = []
     for overrides in grid:
         folder = found.get(frozenset(f"{k}={v}" for k, v in overrides.items()))
-        if folder is not None and (folder / RESULTS).is_file():
+        latest = None if folder is None else latest_outcome(folder)
+        if latest == RESULTS:
             points.append(Point(overrides, "done", read_results(folder / RESULTS), folder=folder))
-        elif folder is not None and (folder / FAILED).is_file():
+        elif latest == FAILED:
             points.append(
                 Point(overrides, "failed", error=json.loads((folder / FAILED).read_text())["error"])
             )
         else:
             points.append(Point(overrides, "missing"))
     return points
+
+
+def latest_outcome(folder: Path) -> str | None:
+    """RESULTS or FAILED, whichever the point's latest attempt wrote (a retry that failed before
+    it could clear an older results.json leaves both), or None."""
+    written = {name: folder / name for name in (RESULTS, FAILED) if (folder / name).is_file()}
+    if not written:
+        return None
+    return max(written, key=lambda name: (written[name].stat().st_mtime_ns, name == FAILED))
 
 
 def row_label(point: Point, swept: list[str]) -> str:
@@ -223,9 +233,9 @@ def compute_markdown(points: list[Point]) -> list[str]:
         "## Compute",
         "",
         f"Stage time of the {len(finished)} finished points: {total:.2f} h, the sum of their "
-        "results' `seconds` (a stage found in the stage cache is not counted, and a point's "
-        "start-up is not a stage). Per defense, the median seconds of each stage over the points "
-        "that computed it (how many in brackets; `cached`: none did).",
+        "results' `seconds` (a stage found in the stage cache is not counted; loading the model "
+        "is, process start-up is not). Per defense, the median seconds of each stage over the "
+        "points that computed it (how many in brackets; `cached`: none did).",
         "",
         "| defense | points | alignment | fine-tuning | evaluations | stage time (h) |",
         "|---|---|---|---|---|---|",

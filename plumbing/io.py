@@ -24,10 +24,13 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def build_directory(final: Path, fill: Callable[[Path], None]) -> Path:
+def build_directory(
+    final: Path, fill: Callable[[Path], None], complete: Callable[[Path], bool]
+) -> Path:
     """`fill(tmp)` fills a temporary sibling of `final`, which is then renamed to `final`: a
-    killed writer leaves only a hidden .tmp folder. If `final` appeared meanwhile (a parallel
-    writer finished first), that one is kept and this one discarded."""
+    killed writer leaves only a hidden .tmp folder. If a `final` that is `complete` appeared
+    meanwhile (a parallel writer finished first), it is kept and this one discarded; an
+    incomplete one (its marker file deleted by hand, say) is replaced."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
@@ -38,7 +41,13 @@ def build_directory(final: Path, fill: Callable[[Path], None]) -> Path:
         except OSError:  # a non-empty `final` exists
             if not final.is_dir():
                 raise
-            shutil.rmtree(tmp)
+            if complete(final):
+                shutil.rmtree(tmp)
+            else:
+                stale = final.with_name(f"{tmp.name}.stale")
+                final.rename(stale)
+                tmp.rename(final)
+                shutil.rmtree(stale)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

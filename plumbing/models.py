@@ -118,7 +118,7 @@ def _store_base(entry: Path, model, tokenizer) -> None:
         )
         save_file(tensors, str(folder / WEIGHTS))
 
-    build_directory(entry, fill)
+    build_directory(entry, fill, complete=lambda folder: (folder / WEIGHTS).is_file())
 
 
 def _load_base(entry: Path):

@@ -155,6 +155,31 @@ def test_a_fit_resumed_from_any_checkpoint_ends_as_the_uninterrupted_one(
         assert module.harmful.drawn == 9 and module.epsilon
 
 
+@pytest.mark.parametrize("defense", ["panacea", "safeinstr", "lisa"])
+def test_a_checkpoint_of_the_older_format_resumes_exactly(tiny_formatter, tmp_path, defense):
+    """Checkpoints written before the cycled batches' counts moved into `batches_drawn` held one
+    key per module; a stage killed under that code resumes with them."""
+    model, dm, module = build(tiny_formatter, defense)
+    fit(module, dm, [StageCheckpoints(tmp_path, every_n_steps=1, keep_last=100)])
+    expected = adapter(model)
+    path = next(p for p in checkpoints_newest_first(tmp_path) if p.name == "step-00000004.ckpt")
+    checkpoint = torch.load(path, weights_only=False)
+    drawn = checkpoint.pop("batches_drawn")
+    assert drawn and all(count > 0 for count in drawn.values())  # mid-way through each stream
+    if "harmful" in drawn:
+        checkpoint["harmful_batches_drawn"] = drawn["harmful"]
+    if "safety" in drawn:
+        checkpoint["safety_batches_drawn"] = drawn["safety"]
+    if "alignment" in drawn:
+        checkpoint["lisa"]["alignment_batches_drawn"] = drawn["alignment"]
+    torch.save(checkpoint, tmp_path / "older.ckpt")
+    model_r, dm_r, module_r = build(tiny_formatter, defense)
+    resumed = [StageCheckpoints(tmp_path / "resumed", 1, 1)]  # (it restores the RNG states)
+    fit(module_r, dm_r, resumed, ckpt_path=tmp_path / "older.ckpt")
+    for name, value in adapter(model_r).items():
+        assert torch.equal(value, expected[name]), name
+
+
 def module_state(module) -> dict:
     from orchestration.stages import module_state as state
 

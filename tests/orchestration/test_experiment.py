@@ -10,6 +10,27 @@ def test_alignment_key_covers_the_alignment_texts(tiny_cfg, tmp_path, monkeypatc
     assert Experiment(tiny_cfg(), tmp_path).align_key() != key
 
 
+def test_a_probe_is_in_the_key_of_the_stage_it_watches_only(tiny_cfg, tmp_path):
+    """The safety probe observes the training: it is part of the watched stage's key (its output
+    is stored there), but a probe of the alignment leaves the aligned adapter, and so the
+    fine-tuning's key, as they are. The diagnostics callback, which is not an observer, is in
+    no key."""
+    from orchestration.experiment import Experiment
+
+    def keys(*overrides):
+        exp = Experiment(tiny_cfg(*overrides), tmp_path)
+        return exp.align_key(), exp.finetune_key()
+
+    plain = keys()
+    assert keys("callbacks.diagnostics=null") == plain
+    on_align = keys("callbacks=safety_probe", "callbacks.safety_probe.stages=[align]")
+    assert on_align[0] != plain[0] and on_align[1] == plain[1]
+    on_finetune = keys("callbacks=safety_probe")
+    assert on_finetune[0] == plain[0] and on_finetune[1] != plain[1]
+    judged = keys("callbacks=safety_probe", "judge=keyword")  # the probe's HS uses the judge
+    assert judged[1] != on_finetune[1] and keys("judge=keyword") == plain
+
+
 def test_new_adapter_merges_the_aligned_one_and_starts_fresh(tiny_cfg, tmp_path):
     """finetune.adapter=new: the model's outputs are unchanged by the merge (the fresh adapter's B
     is zero), only the fresh adapter is trainable, and an FSDP-style rebuild (load_model) gives

@@ -55,6 +55,7 @@ def test_killed_cache_write_leaves_no_entry(tiny_cfg, tmp_path, monkeypatch):
     entry = tmp_path / "cache" / "align" / cache_entries(tmp_path)[0]
     (entry / "meta.json").unlink()
     assert not run_module.run(tiny_cfg(), tmp_path / "c")["aligned_reused"]
+    assert (entry / "meta.json").is_file()  # the incomplete entry was replaced by a whole one
 
 
 def test_multirun_sweep_aligns_once(tmp_path):

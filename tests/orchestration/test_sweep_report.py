@@ -189,3 +189,23 @@ def test_the_table_ends_with_the_compute_the_points_took(tmp_path):
     # medians over the points that computed the stage: evaluations 130, 50, 40 per point
     assert "| sft | 3 | 400 (1) | 120 (3) | 50 (3) | 0.29 |" in table
     assert "| random_perturb | 1 | cached | cached | 36 (1) | 0.01 |" in table
+
+
+def test_a_point_shows_its_latest_outcome(tmp_path):
+    """A retry that failed beside an older results.json (which it had no chance to remove) is
+    shown as failed; a later success is shown as done."""
+    import os
+
+    sweep = tmp_path / "sweep"
+    outcome = ([True] * 5 + [False] * 5, [True] * 4)
+    write_point(sweep, "sft", 0, *outcome)
+    write_point(sweep, "sft", 1, *outcome)
+    folder = sweep / "sft_p0.2_s1"
+    (folder / "failed.json").write_text(json.dumps({"error": "ConfigError: bad", "traceback": ""}))
+    stamp = (folder / "results.json").stat().st_mtime_ns
+    os.utime(folder / "failed.json", ns=(stamp + 10**9, stamp + 10**9))  # written after
+    rows = report(sweep)
+    assert (rows[0]["seeds_done"], rows[0]["failed"]) == (1, 1)
+    os.utime(folder / "results.json", ns=(stamp + 2 * 10**9, stamp + 2 * 10**9))  # rerun, done
+    rows = report(sweep)
+    assert (rows[0]["seeds_done"], rows[0]["failed"]) == (2, 0)
