@@ -192,6 +192,7 @@ def summarize(points: list[Point], level: float = DEFAULT_LEVEL) -> list[dict]:
             values = [p.results[key] for p in finished]
             row[f"{short}_mean"] = statistics.fmean(values) if values else None
             row[f"{short}_std"] = statistics.stdev(values) if len(values) > 1 else None
+            row[f"{short}_values"] = " ".join(f"{v:g}" for v in values)  # each seed's, in order
             interval = mean_interval(values, level)
             row[f"{short}_ci_low"], row[f"{short}_ci_high"] = interval or (None, None)
             test = (paired_test(finished, done, short) if compared else None) or {}

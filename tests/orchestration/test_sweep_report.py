@@ -88,6 +88,7 @@ def test_intervals_over_seeds_and_mcnemar_against_sft(tmp_path):
 
     hs = [h for h, _ in defense]
     assert rows["panacea"]["HS_mean"] == statistics.fmean(hs)
+    assert rows["panacea"]["HS_values"] == "20 30"  # each seed's value, as the CSV lists them
     assert [rows["panacea"]["HS_ci_low"], rows["panacea"]["HS_ci_high"]] == mean_interval(hs)
     # discordant pairs: sft-only 6 (seed 0) + 3 (seed 1) = 9, panacea-only 0, over 20 prompt-seed pairs
     assert (
