@@ -10,13 +10,17 @@ The study lives in SQLite (`storage`) under the sweep directory: running the sam
 continues it up to `n_trials` finished trials, and each trial's run directory is a grid point
 like any other (a trial whose point finished before is read back, not rerun). The objectives
 are results.json metrics, each with its direction (default: lowest HS, highest FA, a
-two-objective study whose Pareto front is written to <sweep>/tuning.json).
+two-objective study whose Pareto front is written to <sweep>/tuning.json). With `repeats`
+(e.g. {seed: [0, 1, 2]}) a trial runs once per repeat and its values are the means over them:
+on a model whose HS moves by tens of points with the seed, a single run tunes to the noise.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +84,28 @@ def search_space_problems(space: dict, config: DictConfig, objectives: dict) -> 
     return problems
 
 
+def repeats_problems(repeats: dict, space: dict, config: DictConfig) -> list[str]:
+    """Each repeated key exists, is not also searched, and lists at least one value."""
+    problems = []
+    for key, values in (repeats or {}).items():
+        if OmegaConf.select(config, key, default="<missing>") == "<missing>":
+            problems.append(f"repeats key '{key}' is not a key of the composed config")
+        if key in (space or {}):
+            problems.append(f"repeats key '{key}' is also in search_space: it is one or the other")
+        if not isinstance(values, (list, tuple)) or not values:
+            problems.append(f"repeats '{key}': {values!r} must be a non-empty list of values")
+    return problems
+
+
+def repeat_overrides(repeats: dict) -> list[list[str]]:
+    """One override list per combination of the repeated values ([[]] without repeats)."""
+    keys = list(repeats or {})
+    return [
+        [f"{k}={v}" for k, v in zip(keys, combo)]
+        for combo in itertools.product(*(repeats[k] for k in keys))
+    ]
+
+
 def suggest(trial, space: dict) -> list[str]:
     """The trial's overrides, one per searched key."""
     overrides = []
@@ -105,12 +131,14 @@ class OptunaSweeper(Sweeper):
         seed: int = 0,
         n_jobs: int = 1,
         max_failures: int = 3,
+        repeats: dict | None = None,
     ):
         super().__init__()
         self.search_space = dict(search_space or {})
         self.objectives = dict(objectives or {})
         self.n_trials, self.storage, self.study_name = n_trials, storage, study_name
         self.seed, self.n_jobs, self.max_failures = seed, n_jobs, max_failures
+        self.repeats = {k: list(v) for k, v in (repeats or {}).items()}
         self.config: DictConfig | None = None
         self.launcher = None
         self.hydra_context: HydraContext | None = None
@@ -140,6 +168,7 @@ class OptunaSweeper(Sweeper):
 
         problems = settings_problems(self.n_trials, self.n_jobs, self.max_failures)
         problems += search_space_problems(self.search_space, self.config, self.objectives)
+        problems += repeats_problems(self.repeats, self.search_space, self.config)
         if problems:  # before the study or any run directory exists
             raise OptunaSearchError("invalid Optuna search:\n  - " + "\n  - ".join(problems))
         fixed = self.fixed_overrides(list(arguments))
@@ -163,11 +192,15 @@ class OptunaSweeper(Sweeper):
             if finished >= self.n_trials:
                 break
             trials = [study.ask() for _ in range(min(self.n_jobs, self.n_trials - finished))]
-            batch = [fixed + suggest(t, self.search_space) for t in trials]
+            runs = repeat_overrides(self.repeats)  # each trial's points
+            batch = [
+                fixed + suggest(t, self.search_space) + extra for t in trials for extra in runs
+            ]
             self.validate_batch_is_legal(batch)
-            returns = self.launcher.launch(batch, initial_job_idx=trials[0].number)
-            for trial, job in zip(trials, returns):
-                failed_in_a_row = 0 if self.tell(study, trial, job) else failed_in_a_row + 1
+            returns = self.launcher.launch(batch, initial_job_idx=trials[0].number * len(runs))
+            for i, trial in enumerate(trials):
+                jobs = returns[i * len(runs) : (i + 1) * len(runs)]
+                failed_in_a_row = 0 if self.tell(study, trial, jobs) else failed_in_a_row + 1
             if failed_in_a_row >= self.max_failures:
                 self.write_summary(study, sweep_dir / "tuning.json")
                 raise OptunaSearchError(
@@ -179,19 +212,26 @@ class OptunaSweeper(Sweeper):
         self.write_summary(study, sweep_dir / "tuning.json")
         return study
 
-    def tell(self, study, trial, job) -> bool:
-        """Report the trial's objectives to the study; False if it failed."""
+    def tell(self, study, trial, jobs: list) -> bool:
+        """Report the trial's objectives to the study, each the mean over its repeats (every
+        repeat's values are kept in the trial's user attrs); False if any repeat failed."""
         import optuna
 
-        try:
-            results = job.return_value
-        except Exception as err:  # the job raised: a failed trial, the study goes on
-            log.error("trial %d failed: %s", trial.number, err)
-            results = None
-        if not results or any(results.get(m) is None for m in self.objectives):
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            return False
-        study.tell(trial, [float(results[m]) for m in self.objectives])
+        values = []
+        for job in jobs:
+            try:
+                results = job.return_value
+            except Exception as err:  # the job raised: a failed trial, the study goes on
+                log.error("trial %d failed: %s", trial.number, err)
+                results = None
+            if not results or any(results.get(m) is None for m in self.objectives):
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                return False
+            values.append([float(results[m]) for m in self.objectives])
+        trial.set_user_attr(
+            "repeats", {"overrides": repeat_overrides(self.repeats), "values": values}
+        )
+        study.tell(trial, [statistics.fmean(column) for column in zip(*values)])
         return True
 
     def write_summary(self, study, path: Path) -> None:
@@ -204,6 +244,7 @@ class OptunaSweeper(Sweeper):
                 "params": t.params,
                 "values": t.values,
                 "state": t.state.name,
+                **({"repeats": t.user_attrs["repeats"]} if "repeats" in t.user_attrs else {}),
             }
 
         complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))

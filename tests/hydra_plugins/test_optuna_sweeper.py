@@ -22,6 +22,7 @@ def test_study_is_stored_and_continued(tmp_path):
         "-m",
         "experiment=tune_panacea_rho",
         "defense.finetune.harmful_batch_size=4",
+        "hydra.sweeper.repeats=null",  # one run per trial (repeats: a test below)
         f"hydra.sweep.dir={sweep}",
     ]
     first = run_tiny(tmp_path, *args, "hydra.sweeper.n_trials=2")
@@ -115,6 +116,7 @@ def test_a_study_whose_trials_all_fail_stops(tmp_path):
         "experiment=tune_panacea_rho",
         "harmful_ratio=1.5",
         "hydra.sweeper.max_failures=2",
+        "hydra.sweeper.repeats=null",
         f"hydra.sweep.dir={sweep}",
     )
     assert result.returncode == 1
@@ -131,4 +133,48 @@ def test_the_sweepers_counts_are_checked():
         "hydra.sweeper.n_trials=0 must be a whole number >= 1",
         "hydra.sweeper.n_jobs=True must be a whole number >= 1",
         "hydra.sweeper.max_failures=1.5 must be a whole number >= 1",
+    ]
+
+
+@pytest.mark.e2e
+def test_a_trial_with_repeats_is_the_mean_of_its_runs(tmp_path):
+    sweep = tmp_path / "sweep"
+    done = run_tiny(
+        tmp_path,
+        "-m",
+        "experiment=tune_panacea_rho",
+        "defense.finetune.harmful_batch_size=4",
+        "hydra.sweeper.n_trials=1",
+        "hydra.sweeper.repeats={seed: [0, 1]}",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    (trial,) = study(sweep / "optuna.db").trials
+    runs = [json.loads(p.read_text()) for p in sweep.glob("*/results.json")]
+    assert sorted(r["seed"] for r in runs) == [0, 1]
+    for i, metric in enumerate(("harmful_score", "finetune_accuracy")):
+        assert trial.values[i] == pytest.approx(sum(r[metric] for r in runs) / 2)
+    assert trial.user_attrs["repeats"]["overrides"] == [["seed=0"], ["seed=1"]]
+    summary = json.loads((sweep / "tuning.json").read_text())
+    assert len(summary["trials"][0]["repeats"]["values"]) == 2
+
+
+def test_repeats_are_checked():
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.hfd_optuna_sweeper.optuna_sweeper import repeat_overrides, repeats_problems
+
+    cfg = OmegaConf.create({"seed": 0, "defense": {"finetune": {"rho": 1.0}}})
+    assert repeats_problems({"seed": [0, 1]}, {"defense.finetune.rho": {}}, cfg) == []
+    assert repeats_problems(
+        {"sed": [0], "defense.finetune.rho": [1.0], "seed": []}, {"defense.finetune.rho": {}}, cfg
+    ) == [
+        "repeats key 'sed' is not a key of the composed config",
+        "repeats key 'defense.finetune.rho' is also in search_space: it is one or the other",
+        "repeats 'seed': [] must be a non-empty list of values",
+    ]
+    assert repeat_overrides({}) == [[]]
+    assert repeat_overrides({"seed": [0, 1], "finetune.n": [10]}) == [
+        ["seed=0", "finetune.n=10"],
+        ["seed=1", "finetune.n=10"],
     ]
