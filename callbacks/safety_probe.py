@@ -37,6 +37,18 @@ class SafetyProbe(L.Callback):
     # supply it, so its config is part of the stage's cache key (Experiment.observers).
     observes_training = True
 
+    @staticmethod
+    def hyperparameter_problems(values: dict) -> list[str]:
+        """Checked on the config before the model loads (orchestration/validation.py), and here."""
+        return [
+            f"{key}={values[key]!r} must be an integer >= 1"
+            for key in ("every_n_steps", "n_prompts", "n_harmful")
+            if key in values
+            and (
+                not isinstance(values[key], int) or isinstance(values[key], bool) or values[key] < 1
+            )
+        ]
+
     def __init__(
         self,
         stages: list[str],
@@ -49,11 +61,11 @@ class SafetyProbe(L.Callback):
         evaluation_data: EvaluationDataModule,
         judge,
     ):
-        if every_n_steps < 1 or n_prompts < 1 or n_harmful < 1:
-            raise InputError(
-                f"callbacks.safety_probe: every_n_steps={every_n_steps}, n_prompts={n_prompts} and "
-                f"n_harmful={n_harmful} must each be >= 1"
-            )
+        problems = self.hyperparameter_problems(
+            {"every_n_steps": every_n_steps, "n_prompts": n_prompts, "n_harmful": n_harmful}
+        )
+        if problems:
+            raise InputError("callbacks.safety_probe: " + "; ".join(problems))
         self.stages = list(stages)
         self.every_n_steps, self.max_new_tokens, self.batch_size = (
             every_n_steps,

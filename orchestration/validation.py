@@ -152,11 +152,17 @@ def training_problems(cfg: DictConfig) -> list[str]:
     if n_retain is not None and (not _is_integer(n_retain) or n_retain < 0):
         problems.append(f"data.n_retain={n_retain!r} must be an integer >= 0")
     for name, callback in (cfg.get("callbacks") or {}).items():
-        if callback is not None and not set(callback.get("stages", [])) <= {"align", "finetune"}:
+        if callback is None:
+            continue
+        if not set(callback.get("stages", [])) <= {"align", "finetune"}:
             problems.append(
                 f"callbacks.{name}.stages={list(callback.stages)} must name training stages: "
                 "align, finetune"
             )
+        check = getattr(get_class(callback._target_), "hyperparameter_problems", None)
+        if check is not None:
+            values = OmegaConf.to_container(callback, resolve=True)
+            problems += [f"callbacks.{name}.{message}" for message in check(values)]
     return problems
 
 

@@ -123,6 +123,10 @@ def test_gpu_trainer_without_gpu_is_refused_before_any_work(tiny_cfg):
             ["callbacks=safety_probe", "callbacks.safety_probe.stages=[fintune]"],
             r"callbacks.safety_probe.stages=\['fintune'\] must name training stages",
         ),
+        (
+            ["callbacks=safety_probe", "callbacks.safety_probe.every_n_steps=0"],
+            "callbacks.safety_probe.every_n_steps=0 must be an integer >= 1",
+        ),
         (["trainer=fsdp_cpu"], "not supported under FSDP2 yet.*checkpointing.enabled=false"),
         (
             ["defense=safeinstr", "defense.finetune.safety_samples=500"],
