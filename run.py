@@ -65,14 +65,12 @@ def run_grid_point(cfg: DictConfig, run_dir: Path) -> dict | None:
     """One point of a multirun: skipped if it finished before with the same config; a failure is
     recorded in failed.json and the sweep goes on (orchestration/sweep.py)."""
     done = broadcast(finished(run_dir, cfg))  # rank 0 decides, before anyone writes
+    if is_main():  # an earlier failure (or another config's refusal) is not this attempt's
+        clear_failure(run_dir)
     if done is not None:
         log.info("skipped %s: finished before with the same config", run_dir)
-        if is_main():  # a refusal recorded by a grid of another config is not this point's
-            clear_failure(run_dir)
         return done
     try:
-        if is_main():
-            clear_failure(run_dir)
         results = run(cfg, run_dir)  # refuses a directory of another config before writing
     except Exception as err:
         if is_main():

@@ -23,6 +23,7 @@ from datamodules.cycling import to_device
 from datamodules.evaluation import EvaluationDataModule
 from evaluation.metrics import judged_metrics
 from lightning_modules.causal_lm import answer_loss
+from lightning_modules.checks import batch_size_problems
 from plumbing.errors import InputError
 from plumbing.figures import new_figure, save_figure, write_csv
 from plumbing.generation import generate_greedy
@@ -41,12 +42,9 @@ class SafetyProbe(L.Callback):
     def hyperparameter_problems(values: dict) -> list[str]:
         """Checked on the config before the model loads (orchestration/validation.py), and here."""
         return [
-            f"{key}={values[key]!r} must be an integer >= 1"
+            problem
             for key in ("every_n_steps", "n_prompts", "n_harmful")
-            if key in values
-            and (
-                not isinstance(values[key], int) or isinstance(values[key], bool) or values[key] < 1
-            )
+            for problem in batch_size_problems(values, key)
         ]
 
     def __init__(

@@ -11,6 +11,10 @@ def is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def is_integer(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def nonnegative_problems(values: dict, keys: tuple[str, ...]) -> list[str]:
     """`key=value must be a number >= 0` for each of `keys` that is not."""
     return [
@@ -26,14 +30,14 @@ def count_problems(values: dict, keys: tuple[str, ...]) -> list[str]:
     return [
         f"{k}={values[k]!r} must be an integer >= 0"
         for k in keys
-        if k in values
-        and (not isinstance(values[k], int) or isinstance(values[k], bool) or values[k] < 0)
+        if k in values and (not is_integer(values[k]) or values[k] < 0)
     ]
 
 
 def batch_size_problems(values: dict, key: str = "harmful_batch_size") -> list[str]:
+    """`key=value must be an integer >= 1` if it is not (a batch size, or any other size >= 1)."""
     v = values.get(key, 1)
-    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+    if not is_integer(v) or v < 1:
         return [f"{key}={v!r} must be an integer >= 1"]
     return []
 

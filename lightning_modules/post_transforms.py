@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from datamodules.formatting import collate
-from lightning_modules.checks import nonnegative_problems, raise_problems
+from lightning_modules.checks import count_problems, nonnegative_problems, raise_problems
 from lightning_modules.hooks import forward_hooks
 from plumbing.errors import InputError
 from plumbing.models import trainable
@@ -44,10 +44,7 @@ class AddGaussianNoise:
 
     @staticmethod
     def hyperparameter_problems(values: dict) -> list[str]:
-        problems = nonnegative_problems(values, ("intensity", "seed"))
-        if "seed" in values and not isinstance(values["seed"], int):
-            problems.append(f"seed={values['seed']!r} must be an integer >= 0")
-        return problems
+        return nonnegative_problems(values, ("intensity",)) + count_problems(values, ("seed",))
 
     def __call__(self, model: torch.nn.Module, finetuned_by=None) -> None:
         generator = torch.Generator().manual_seed(self.seed)

@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from datamodules.formatting import TEMPLATES
 from evaluation.statistics import check_level
+from lightning_modules.checks import is_integer, is_number
 from plumbing.errors import InputError
 
 STAGES = ["align", "finetune", "post", "eval"]
@@ -19,18 +20,10 @@ class ConfigError(InputError):
     """The composed configuration cannot run; the message lists each problem and its fix."""
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _is_integer(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def config_problems(cfg: DictConfig) -> list[str]:
     problems = []
     p = cfg.harmful_ratio
-    if not _is_number(p) or not 0 <= p <= 1:
+    if not is_number(p) or not 0 <= p <= 1:
         problems.append(f"harmful_ratio={p!r} must be a number in [0, 1] (e.g. harmful_ratio=0.1)")
 
     stages = list(cfg.stages)
@@ -97,7 +90,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
         )
     for stage in ("align", "finetune"):
         norm = cfg[stage].max_grad_norm
-        if norm is not None and (not _is_number(norm) or norm <= 0):
+        if norm is not None and (not is_number(norm) or norm <= 0):
             problems.append(
                 f"{stage}.max_grad_norm={norm!r} must be a number > 0, or null (no clipping)"
             )
@@ -132,24 +125,24 @@ def training_problems(cfg: DictConfig) -> list[str]:
     problems = []
     for key in ("seed", "align.seed", "finetune.seed", "finetune.sample_seed", "data.split_seed"):
         value = _select(cfg, key)
-        if value is not None and (not _is_integer(value) or value < 0):
+        if value is not None and (not is_integer(value) or value < 0):
             problems.append(f"{key}={value!r} must be an integer >= 0")
     for stage in ("align", "finetune"):
         optimizer = cfg[stage].optimizer
         lr, decay = optimizer.get("lr"), optimizer.get("weight_decay", 0.0)
-        if lr is not None and (not _is_number(lr) or lr <= 0):
+        if lr is not None and (not is_number(lr) or lr <= 0):
             problems.append(f"{stage}.optimizer.lr={lr!r} must be a number > 0")
-        if not _is_number(decay) or decay < 0:
+        if not is_number(decay) or decay < 0:
             problems.append(f"{stage}.optimizer.weight_decay={decay!r} must be a number >= 0")
     lora = cfg.model.lora
-    if not _is_integer(lora.r) or lora.r < 1:
+    if not is_integer(lora.r) or lora.r < 1:
         problems.append(f"model.lora.r={lora.r!r} must be an integer >= 1")
-    if not _is_number(lora.alpha) or lora.alpha <= 0:
+    if not is_number(lora.alpha) or lora.alpha <= 0:
         problems.append(f"model.lora.alpha={lora.alpha!r} must be a number > 0")
-    if not _is_number(lora.dropout) or not 0 <= lora.dropout < 1:
+    if not is_number(lora.dropout) or not 0 <= lora.dropout < 1:
         problems.append(f"model.lora.dropout={lora.dropout!r} must be a number in [0, 1)")
     n_retain = _select(cfg, "data.n_retain")
-    if n_retain is not None and (not _is_integer(n_retain) or n_retain < 0):
+    if n_retain is not None and (not is_integer(n_retain) or n_retain < 0):
         problems.append(f"data.n_retain={n_retain!r} must be an integer >= 0")
     for name, callback in (cfg.get("callbacks") or {}).items():
         if callback is None:
@@ -171,14 +164,14 @@ def judge_problems(cfg: DictConfig) -> list[str]:
     A threshold outside [0, 1] would silently make every answer harmful or none."""
     judge, problems = cfg.judge, []
     threshold = judge.get("threshold")
-    if threshold is not None and (not _is_number(threshold) or not 0 <= threshold <= 1):
+    if threshold is not None and (not is_number(threshold) or not 0 <= threshold <= 1):
         problems.append(f"judge.threshold={threshold!r} must be a number in [0, 1]")
     share = judge.get("max_repeat_share")
-    if share is not None and (not _is_number(share) or not 0 < share <= 1):
+    if share is not None and (not is_number(share) or not 0 < share <= 1):
         problems.append(f"judge.max_repeat_share={share!r} must be a number in (0, 1]")
     for key, least in (("batch_size", 1), ("window", 1), ("ngram", 1), ("min_words", 0)):
         value = judge.get(key)
-        if value is not None and (not _is_integer(value) or value < least):
+        if value is not None and (not is_integer(value) or value < least):
             problems.append(f"judge.{key}={value!r} must be an integer >= {least}")
     return problems
 
@@ -186,7 +179,7 @@ def judge_problems(cfg: DictConfig) -> list[str]:
 def checkpointing_problems(cfg: DictConfig) -> list[str]:
     c = cfg.checkpointing
     problems = []
-    if c.every_n_steps is not None and (not _is_integer(c.every_n_steps) or c.every_n_steps < 1):
+    if c.every_n_steps is not None and (not is_integer(c.every_n_steps) or c.every_n_steps < 1):
         problems.append(
             f"checkpointing.every_n_steps={c.every_n_steps!r} must be an integer >= 1, or null "
             "(a checkpoint after each epoch's last step only)"
