@@ -52,13 +52,15 @@ def main(cfg: DictConfig) -> dict | None:
         if multirun:
             return run_grid_point(cfg, run_dir)
         results = run(cfg, run_dir)
+        if is_main():
+            print_summary(results)
+        return results
     except InputError as err:
         log.error("%s", err)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    if is_main():
-        print_summary(results)
-    return results
+    finally:
+        distributed.finish()
 
 
 def run_grid_point(cfg: DictConfig, run_dir: Path) -> dict | None:

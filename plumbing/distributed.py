@@ -137,6 +137,13 @@ def start(trainer_cfg, multirun: bool) -> None:
     log.info("process %d of %d (%s)", env.global_rank(), world, type(env).__name__)
 
 
+def finish() -> None:
+    """Close this process's process group, if one is open. Without it, gloo's worker threads can
+    outlive the interpreter and abort the process (SIGABRT) after a run that succeeded."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 

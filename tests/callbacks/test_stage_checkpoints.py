@@ -302,7 +302,7 @@ def _fit_in_one_of_two_processes(rank: int, port: int, out_dir: str, resume_from
     import lightning as L
 
     from datamodules.formatting import PromptFormatter
-    from helpers.training import as_one_of_two_processes
+    from helpers.training import as_one_of_two_processes, leave_the_group
     from plumbing.models import load_tiny_tokenizer
 
     as_one_of_two_processes(rank, port)
@@ -324,6 +324,7 @@ def _fit_in_one_of_two_processes(rank: int, port: int, out_dir: str, resume_from
     trainer.fit(module, datamodule=dm, ckpt_path=resume_from, weights_only=False)
     final = {"adapter": adapter(model), "epsilon": module.epsilon, "drawn": module.harmful.drawn}
     torch.save(final, out / f"{'resumed' if resume_from else 'whole'}_rank{rank}.pt")
+    leave_the_group()
 
 
 @pytest.mark.e2e

@@ -80,6 +80,15 @@ def as_one_of_two_processes(rank: int, port: int) -> None:
     torch.set_num_threads(1)
 
 
+def leave_the_group() -> None:
+    """The end of a process started by as_one_of_two_processes: wait for the other process, then
+    close the process group (left open, gloo's threads can abort the exiting process)."""
+    from plumbing.distributed import barrier, finish
+
+    barrier()
+    finish()
+
+
 def _one_of_two_processes(rank, port, build, strategy, out_dir, attrs):
     as_one_of_two_processes(rank, port)
     from lightning.pytorch.strategies import ModelParallelStrategy
@@ -91,6 +100,7 @@ def _one_of_two_processes(rank, port, build, strategy, out_dir, attrs):
         else "ddp"
     )
     fit_steps(module, dm, 1, devices=2, strategy=chosen, callbacks=[RecordRank(out_dir, attrs)])
+    leave_the_group()
 
 
 def fit_two_processes(build, strategy: str, out_dir, attrs=()) -> list[dict]:
