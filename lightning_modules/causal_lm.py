@@ -189,7 +189,8 @@ class CausalLMModule(L.LightningModule):
         checkpoint["batches_drawn"] = {name: b.drawn for name, b in self._cycled.items()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._resume_drawn = dict(checkpoint.get("batches_drawn", legacy_batches_drawn(checkpoint)))
+        drawn = checkpoint.get("batches_drawn")
+        self._resume_drawn = dict(legacy_batches_drawn(checkpoint) if drawn is None else drawn)
         if "state_dict" not in checkpoint:  # a finished stage's state (orchestration/stages.py)
             return
         missing = {f"model.{name}" for name in trainable(self.model)} - set(
