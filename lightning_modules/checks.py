@@ -24,22 +24,26 @@ def nonnegative_problems(values: dict, keys: tuple[str, ...]) -> list[str]:
     ]
 
 
-def count_problems(values: dict, keys: tuple[str, ...]) -> list[str]:
-    """`key=value must be an integer >= 0` for each of `keys` that is not (a count of steps or
-    samples: 0.5 would pass a number check and break a modulo or a slice)."""
+def integer_problems(values: dict, least: int = 0, optional: bool = False) -> list[str]:
+    """`key=value must be an integer >= least` for each value that is not; with `optional`, None
+    (a key the config leaves unset) passes. The keys are the names the user typed (dotted paths
+    in config validation)."""
     return [
-        f"{k}={values[k]!r} must be an integer >= 0"
-        for k in keys
-        if k in values and (not is_integer(values[k]) or values[k] < 0)
+        f"{k}={v!r} must be an integer >= {least}"
+        for k, v in values.items()
+        if not (optional and v is None) and (not is_integer(v) or v < least)
     ]
 
 
+def count_problems(values: dict, keys: tuple[str, ...]) -> list[str]:
+    """The problems of each of `keys` that is not an integer >= 0 (a count of steps or samples:
+    0.5 would pass a number check and break a modulo or a slice)."""
+    return integer_problems({k: values[k] for k in keys if k in values})
+
+
 def batch_size_problems(values: dict, key: str = "harmful_batch_size") -> list[str]:
-    """`key=value must be an integer >= 1` if it is not (a batch size, or any other size >= 1)."""
-    v = values.get(key, 1)
-    if not is_integer(v) or v < 1:
-        return [f"{key}={v!r} must be an integer >= 1"]
-    return []
+    """The problem of `key` if it is not an integer >= 1 (a batch size, or any other size >= 1)."""
+    return integer_problems({key: values.get(key, 1)}, least=1)
 
 
 def raise_problems(problems: list[str]) -> None:

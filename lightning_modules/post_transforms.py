@@ -11,7 +11,13 @@ from __future__ import annotations
 import torch
 
 from datamodules.formatting import collate
-from lightning_modules.checks import count_problems, nonnegative_problems, raise_problems
+from lightning_modules.checks import (
+    count_problems,
+    integer_problems,
+    is_number,
+    nonnegative_problems,
+    raise_problems,
+)
 from lightning_modules.hooks import forward_hooks
 from plumbing.errors import InputError
 from plumbing.models import trainable
@@ -146,15 +152,13 @@ class AntidotePrune:
     @staticmethod
     def hyperparameter_problems(values: dict) -> list[str]:
         ratio = values.get("ratio", 0.1)
-        number = isinstance(ratio, (int, float)) and not isinstance(ratio, bool)
         problems = (
-            [] if number and 0 <= ratio <= 1 else [f"ratio={ratio!r} must be a number in [0, 1]"]
+            []
+            if is_number(ratio) and 0 <= ratio <= 1
+            else [f"ratio={ratio!r} must be a number in [0, 1]"]
         )
-        for key in ("calibration_samples", "batch_size"):
-            v = values.get(key, 1)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                problems.append(f"{key}={v!r} must be an integer >= 1")
-        return problems
+        sizes = {key: values.get(key, 1) for key in ("calibration_samples", "batch_size")}
+        return problems + integer_problems(sizes, least=1)
 
     @property
     def summary(self) -> dict:

@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from datamodules.formatting import TEMPLATES
 from evaluation.statistics import check_level
-from lightning_modules.checks import is_integer, is_number
+from lightning_modules.checks import integer_problems, is_integer, is_number
 from plumbing.errors import InputError
 
 STAGES = ["align", "finetune", "post", "eval"]
@@ -43,7 +43,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     elif cfg.checkpoint is not None:
         problems.append("checkpoint= is used only when stages do not start with align; drop it")
 
-    for key in (
+    sizes = (
         "align.batch_size",
         "align.epochs",
         "finetune.batch_size",
@@ -54,12 +54,8 @@ def config_problems(cfg: DictConfig) -> list[str]:
         "eval.harmful_max_new_tokens",
         "eval.task_max_new_tokens",
         "model.max_length",
-    ):
-        value = cfg
-        for part in key.split("."):
-            value = value[part]
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            problems.append(f"{key}={value!r} must be an integer >= 1")
+    )
+    problems += integer_problems({key: _select(cfg, key) for key in sizes}, least=1)
     if isinstance(cfg.eval.n_task, int) and cfg.eval.n_task > cfg.task.n_test:
         problems.append(f"eval.n_task={cfg.eval.n_task} exceeds task.n_test={cfg.task.n_test}")
     try:
@@ -123,10 +119,8 @@ def training_problems(cfg: DictConfig) -> list[str]:
     """Values that would otherwise fail only when a stage starts (a negative seed), or not at all
     (lr=0 trains nothing; a negative n_retain takes every retain sample)."""
     problems = []
-    for key in ("seed", "align.seed", "finetune.seed", "finetune.sample_seed", "data.split_seed"):
-        value = _select(cfg, key)
-        if value is not None and (not is_integer(value) or value < 0):
-            problems.append(f"{key}={value!r} must be an integer >= 0")
+    seeds = ("seed", "align.seed", "finetune.seed", "finetune.sample_seed", "data.split_seed")
+    problems += integer_problems({key: _select(cfg, key) for key in seeds}, optional=True)
     for stage in ("align", "finetune"):
         optimizer = cfg[stage].optimizer
         lr, decay = optimizer.get("lr"), optimizer.get("weight_decay", 0.0)
@@ -135,15 +129,12 @@ def training_problems(cfg: DictConfig) -> list[str]:
         if not is_number(decay) or decay < 0:
             problems.append(f"{stage}.optimizer.weight_decay={decay!r} must be a number >= 0")
     lora = cfg.model.lora
-    if not is_integer(lora.r) or lora.r < 1:
-        problems.append(f"model.lora.r={lora.r!r} must be an integer >= 1")
+    problems += integer_problems({"model.lora.r": lora.r}, least=1)
     if not is_number(lora.alpha) or lora.alpha <= 0:
         problems.append(f"model.lora.alpha={lora.alpha!r} must be a number > 0")
     if not is_number(lora.dropout) or not 0 <= lora.dropout < 1:
         problems.append(f"model.lora.dropout={lora.dropout!r} must be a number in [0, 1)")
-    n_retain = _select(cfg, "data.n_retain")
-    if n_retain is not None and (not is_integer(n_retain) or n_retain < 0):
-        problems.append(f"data.n_retain={n_retain!r} must be an integer >= 0")
+    problems += integer_problems({"data.n_retain": _select(cfg, "data.n_retain")}, optional=True)
     for name, callback in (cfg.get("callbacks") or {}).items():
         if callback is None:
             continue
@@ -170,9 +161,7 @@ def judge_problems(cfg: DictConfig) -> list[str]:
     if share is not None and (not is_number(share) or not 0 < share <= 1):
         problems.append(f"judge.max_repeat_share={share!r} must be a number in (0, 1]")
     for key, least in (("batch_size", 1), ("window", 1), ("ngram", 1), ("min_words", 0)):
-        value = judge.get(key)
-        if value is not None and (not is_integer(value) or value < least):
-            problems.append(f"judge.{key}={value!r} must be an integer >= {least}")
+        problems += integer_problems({f"judge.{key}": judge.get(key)}, least, optional=True)
     return problems
 
 
@@ -184,8 +173,7 @@ def checkpointing_problems(cfg: DictConfig) -> list[str]:
             f"checkpointing.every_n_steps={c.every_n_steps!r} must be an integer >= 1, or null "
             "(a checkpoint after each epoch's last step only)"
         )
-    if not isinstance(c.keep_last, int) or isinstance(c.keep_last, bool) or c.keep_last < 1:
-        problems.append(f"checkpointing.keep_last={c.keep_last!r} must be an integer >= 1")
+    problems += integer_problems({"checkpointing.keep_last": c.keep_last}, least=1)
     if c.enabled and cfg.trainer.get("strategy") == "fsdp2":
         problems.append(
             "checkpoints inside the stages are not supported under FSDP2 yet (the adapter and the "
