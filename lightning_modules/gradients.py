@@ -23,6 +23,15 @@ def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def placed_like(
+    values: dict[str, torch.Tensor], params: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Each value on its parameter's device, in its dtype: a per-parameter state that a checkpoint
+    saved on the CPU (Lightning restores it before the model moves to the GPU), ready to meet the
+    parameters again in the loss."""
+    return {n: v.to(device=params[n].device, dtype=params[n].dtype) for n, v in values.items()}
+
+
 def _sum_over_shards(terms: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Σ over pairs (a, b) of Σ a·b, where a and b may be sharded DTensors (same placements)."""
     sharded, whole, group = [], [], None

@@ -29,7 +29,7 @@ import torch
 
 from lightning_modules.causal_lm import CausalLMModule
 from lightning_modules.checks import nonnegative_problems, raise_problems
-from lightning_modules.gradients import full, holding
+from lightning_modules.gradients import full, holding, placed_like
 from lightning_modules.hooks import hooked_modules, recording_outputs
 from plumbing.models import trainable
 
@@ -58,8 +58,11 @@ class LDIFSModule(CausalLMModule):
         return nonnegative_problems(values, keys)
 
     def on_train_start(self) -> None:
-        if not self.start:  # a resumed run keeps the start it saved
-            self.start = {n: p.detach().clone() for n, p in trainable(self.model).items()}
+        params = trainable(self.model)
+        if self.start:  # a resumed run keeps the start it saved, restored on the CPU
+            self.start = placed_like(self.start, params)
+        else:
+            self.start = {n: p.detach().clone() for n, p in params.items()}
 
     def features_and_loss(self, batch: dict) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Every decoder layer's MLP output, and the batch loss, from one forward pass."""

@@ -32,7 +32,7 @@ from lightning_modules.checks import (
     nonnegative_problems,
     raise_problems,
 )
-from lightning_modules.gradients import full
+from lightning_modules.gradients import full, placed_like
 from plumbing.errors import InputError
 from plumbing.models import trainable
 
@@ -91,8 +91,11 @@ class LisaModule(CausalLMModule):
         return problems
 
     def on_train_start(self) -> None:
-        weights = {n: p.detach().clone() for n, p in trainable(self.model).items()}
-        if not self.anchors:  # both anchors start at w_0 (a resumed run keeps its own)
+        params = trainable(self.model)
+        if self.anchors:  # a resumed run keeps its own, restored on the CPU
+            self.anchors = {k: placed_like(anchor, params) for k, anchor in self.anchors.items()}
+        else:  # both anchors start at w_0
+            weights = {n: p.detach().clone() for n, p in params.items()}
             self.anchors = {
                 ALIGNMENT: weights,
                 FINETUNE: {n: w.clone() for n, w in weights.items()},

@@ -53,3 +53,17 @@ def test_first_step_of_a_real_run_is_sft(tiny_formatter):
 def test_bad_hyperparameters_are_refused():
     with pytest.raises(InputError, match="rho=-1.0 must be a number >= 0"):
         LDIFSModule(torch.nn.Linear(2, 2), optimizer=torch.optim.SGD, rho=-1.0)
+
+
+def test_a_resumed_start_is_placed_like_the_parameters(tiny_formatter):
+    """The start a checkpoint restored on the CPU meets the parameters on their device, in their
+    dtype (float64 stands in for a GPU on this CPU-only test)."""
+    module, dm = ldifs_setup(tiny_formatter, shifted=False)
+    one_step(module, dm)
+    saved = {n: s.double() for n, s in module.start.items()}
+    module.start = saved
+    module.on_train_start()
+    for n, p in module.model.named_parameters():
+        if p.requires_grad:
+            assert (module.start[n].device, module.start[n].dtype) == (p.device, p.dtype)
+            torch.testing.assert_close(module.start[n], saved[n].float())

@@ -38,6 +38,22 @@ def test_schedule_is_the_references(tiny_formatter):
     assert module.alignment.drawn == module.modes.count("alignment") == 6
 
 
+def test_resumed_anchors_are_placed_like_the_parameters(tiny_formatter):
+    """A checkpoint holds the anchors on the CPU and Lightning restores them before the model moves
+    to its device; the fit's start places them like the parameters. float64 stands in for "not
+    where the parameters are" (a GPU on this CPU-only test)."""
+    module, dm = lisa(), datamodule(tiny_formatter)
+    fit_steps(module, dm, 2)
+    saved = {k: {n: a.double() for n, a in anchor.items()} for k, anchor in module.anchors.items()}
+    module.anchors = saved
+    module.on_train_start()
+    params = {n: p for n, p in module.model.named_parameters() if p.requires_grad}
+    for k, anchor in module.anchors.items():
+        for n, a in anchor.items():
+            assert (a.device, a.dtype) == (params[n].device, params[n].dtype)
+            torch.testing.assert_close(a, saved[k][n].float())
+
+
 def test_user_steps_train_on_the_user_batch_and_alignment_steps_on_alignment_data(tiny_formatter):
     module, dm = lisa(lr=1.0), datamodule(tiny_formatter)
     recorder = Recorder()

@@ -66,6 +66,13 @@ def test_baselines_take_the_values_of_the_papers_scripts(
     }[setting]
 
 
+@pytest.mark.parametrize("preset,key", [("repnoise", "noise_seed"), ("t_vaccine", "layer_seed")])
+def test_a_defense_s_random_draws_follow_the_run_s_alignment_seed(tiny_cfg, preset, key):
+    """Seeds 0, 1, 2 of a grid draw different noise (or layers), as the references' runs did."""
+    assert tiny_cfg(f"defense={preset}", "seed=2").align.module[key] == 2
+    assert tiny_cfg(f"defense={preset}", "seed=2", "align.seed=5").align.module[key] == 5
+
+
 def test_part_hyperparameters_are_overridden_by_short_paths(tiny_cfg):
     cfg = tiny_cfg("defense=antibody", "defense.align.alpha=0.3", "defense.finetune.tau=2.0")
     assert cfg.align.module.alpha == 0.3 and cfg.finetune.module.tau == 2.0
