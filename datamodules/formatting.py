@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from plumbing.tokens import adds_bos, text_ids
+
 IGNORE_INDEX = -100
 TEMPLATES = ("chat", "alpaca")  # model.template
 
@@ -30,6 +32,7 @@ class PromptFormatter:
         self.tokenizer = tokenizer
         self.template = template
         self.max_length = max_length
+        self.bos = adds_bos(tokenizer)
 
     def prompt(self, instruction: str, input: str = "") -> str:
         if self.template == "alpaca":
@@ -45,14 +48,19 @@ class PromptFormatter:
         """input_ids and labels for prompt + answer + EOS, truncated to max_length.
         add_eos=False for an answer that was itself cut off (the model should not learn to stop).
 
+        As the references do, prompt + answer is tokenized as one text and the first
+        len(tokens(prompt)) tokens are the prompt: an answer tokenized alone can begin with
+        another token (SentencePiece's word-start "▁I" where "\nI" gives "I"). The tokenizer's
+        BOS comes first where it adds one (plumbing/tokens.py), as in generation.
+
         The answer is cut first (the prompt is what the model conditions on); a prompt longer than
         max_length keeps its last tokens so that at least one answer token remains.
         """
         tok = self.tokenizer
-        prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        answer_ids = tok(answer, add_special_tokens=False)["input_ids"] + (
-            [tok.eos_token_id] if add_eos else []
-        )
+        n_prompt = len(text_ids(tok, prompt, self.bos))
+        joint = text_ids(tok, prompt + answer, self.bos)
+        prompt_ids = joint[:n_prompt]
+        answer_ids = joint[n_prompt:] + ([tok.eos_token_id] if add_eos else [])
         room = self.max_length - len(prompt_ids)
         if room < 1:
             prompt_ids = prompt_ids[-(self.max_length - 1) :]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from plumbing.tokens import adds_bos, text_ids
+
 
 @torch.no_grad()
 def generate_greedy(
@@ -25,8 +27,9 @@ def generate_greedy(
     if not prompts:
         return ([], []) if with_finished else []
     tokenizer.padding_side = "left"
-    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    bos = adds_bos(tokenizer)
+    ids = [text_ids(tokenizer, p, bos) for p in prompts]  # as the training stages encode them
+    order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
     outputs: list[str] = [""] * len(prompts)
     finished: list[bool] = [False] * len(prompts)
     was_training = model.training
@@ -34,12 +37,8 @@ def generate_greedy(
     try:
         for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
             idx = order[start : start + batch_size]
-            enc = tokenizer(
-                [prompts[i] for i in idx],
-                return_tensors="pt",
-                padding=True,
-                add_special_tokens=False,
-            ).to(model.device)
+            enc = tokenizer.pad({"input_ids": [ids[i] for i in idx]}, return_tensors="pt")
+            enc = enc.to(model.device)
             generated = model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
