@@ -86,13 +86,15 @@ class LDIFSModule(CausalLMModule):
         global_terms = torch.stack(terms).detach()
         if world > 1:
             global_terms = self.trainer.strategy.reduce(global_terms, reduce_op="sum")
-        kept = [
-            t for t, g in zip(terms, global_terms) if self.drop_above is None or g < self.drop_above
-        ]
+        below = [self.drop_above is None or bool(g < self.drop_above) for g in global_terms]
+        kept = [t for t, keep in zip(terms, below) if keep]
         regularizer = world * sum(kept) if kept else loss.new_zeros(())
         bs = batch["input_ids"].size(0)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=bs)
+        # every layer's term, the dropped ones too; the regulariser is the kept ones' sum
         self.log("train/feature_distance", global_terms.sum(), batch_size=bs)
+        kept_sum = sum((g for g, keep in zip(global_terms, below) if keep), loss.new_zeros(()))
+        self.log("train/regularizer", kept_sum, batch_size=bs)
         self.log("train/layers_kept", float(len(kept)), batch_size=bs)
         return loss + regularizer
 

@@ -67,3 +67,16 @@ def test_a_resumed_start_is_placed_like_the_parameters(tiny_formatter):
         if p.requires_grad:
             assert (module.start[n].device, module.start[n].dtype) == (p.device, p.dtype)
             torch.testing.assert_close(module.start[n], saved[n].float())
+
+
+@pytest.mark.parametrize("drop_above", [None, 1e-9])
+def test_the_logged_regularizer_is_the_kept_layers_sum(tiny_formatter, drop_above):
+    """feature_distance sums every layer's term; regularizer only the terms under the cut-off."""
+    module, dm = ldifs_setup(tiny_formatter, drop_above=drop_above)
+    one_step(module, dm)
+    logged = module.trainer.callback_metrics
+    assert logged["train/feature_distance"] > 0
+    if drop_above is None:
+        torch.testing.assert_close(logged["train/regularizer"], logged["train/feature_distance"])
+    else:
+        assert logged["train/regularizer"] == 0 and logged["train/layers_kept"] == 0
