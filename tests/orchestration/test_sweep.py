@@ -182,6 +182,8 @@ def test_experiment_files_compose_into_sweeps():
                     512,
                 )
                 assert cfg.finetune.optimizer.lr == (2e-5 if name.startswith("panacea") else 1e-5)
+                if "task" not in cfg.hydra.sweeper.params:  # both repositories' default task
+                    assert cfg.task.name == "gsm8k"
         small = compose(
             "config", overrides=["setting=panacea_paper", "model=qwen2_5_0_5b", "task=gsm8k"]
         )
