@@ -172,7 +172,9 @@ BEAVERTAILS_COLUMNS = ("prompt", "response", "category", "is_safe")
 
 def beavertails_splits(data: dict) -> HarmfulSplits:
     """BeaverTails (PKU-Alignment/BeaverTails) split as the papers use it, with disjoint prompts:
-    - eval_prompts: `n_eval` prompts of the test split whose response is unsafe;
+    - eval_prompts: `n_eval` prompts of the test split whose response is unsafe, or, with
+      `eval_hub_name` (Antibody's protocol: PKU-Alignment/BeaverTails-Evaluation), the first
+      `n_eval` distinct prompts of that set in its order, each with its category as its source;
     - defender_pairs / user_pairs: unsafe (prompt, response) pairs of the train split, one per
       prompt: `n_defender` for the defender, the rest the user's harmful pool;
     - align_prompts + align_answers: `n_align` safe (prompt, response) pairs of the train split
@@ -183,17 +185,20 @@ def beavertails_splits(data: dict) -> HarmfulSplits:
     train = load_rows(
         data["hub_name"], data["train_split"], data.get("train_path"), columns=BEAVERTAILS_COLUMNS
     )
-    test = load_rows(
-        data["hub_name"], data["test_split"], data.get("test_path"), columns=BEAVERTAILS_COLUMNS
-    )
     n_align, n_defender, n_eval = data["n_align"], data["n_defender"], data["n_eval"]
 
     def unsafe(rows):
         return _unique([r for r in rows if not r["is_safe"]], key=lambda r: normalize(r["prompt"]))
 
-    eval_rows = unsafe(test)
     rng = random.Random(data["split_seed"])
-    rng.shuffle(eval_rows)
+    if data.get("eval_hub_name"):
+        eval_rows, eval_where = evaluation_set_rows(data)
+    else:
+        test = load_rows(
+            data["hub_name"], data["test_split"], data.get("test_path"), columns=BEAVERTAILS_COLUMNS
+        )
+        eval_rows, eval_where = unsafe(test), data["test_split"]
+        rng.shuffle(eval_rows)
     eval_keys = {normalize(r["prompt"]) for r in eval_rows[:n_eval]}
     harmful = [r for r in unsafe(train) if normalize(r["prompt"]) not in eval_keys]
     harmful_keys = {normalize(r["prompt"]) for r in harmful}
@@ -210,7 +215,7 @@ def beavertails_splits(data: dict) -> HarmfulSplits:
     if not 1 <= n_eval <= len(eval_rows):
         problems.append(
             f"data.n_eval={n_eval} must be in [1, {len(eval_rows)}]: the distinct unsafe prompts of "
-            f"{data['test_split']}"
+            f"{eval_where}"
         )
     if not 0 <= n_defender < len(harmful):
         problems.append(
@@ -233,6 +238,20 @@ def beavertails_splits(data: dict) -> HarmfulSplits:
         align_prompts=[r["prompt"] for r in safe[:n_align]],
         align_answers=[r["response"] for r in safe[:n_align]],
         eval_prompts=[r["prompt"] for r in eval_rows[:n_eval]],
-        eval_sources=[f"beavertails_{data['test_split']}"] * n_eval,
+        eval_sources=[r.get("source", f"beavertails_{data['test_split']}") for r in eval_rows][
+            :n_eval
+        ],
         pairs_source=f"{data['hub_name']} [{data['train_split']}]",
     )
+
+
+def evaluation_set_rows(data: dict) -> tuple[list[dict], str]:
+    """The distinct prompts of an evaluation set of harmful prompts (columns prompt, category), in
+    its order, each with `source` = its category; and where they came from, for messages."""
+    from datamodules.hub import load_rows
+
+    name, split = data["eval_hub_name"], data.get("eval_split", "test")
+    rows = load_rows(name, split, data.get("eval_path"), columns=("prompt", "category"))
+    prefix = name.split("/")[-1].lower().replace("-", "_")
+    rows = [{**r, "source": f"{prefix}_{r['category']}"} for r in rows]
+    return _unique(rows, key=lambda r: normalize(r["prompt"])), f"{name} [{split}]"

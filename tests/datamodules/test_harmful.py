@@ -8,7 +8,7 @@ from datamodules.harmful import build_harmful_splits, normalize
 from datamodules.poisoned import poisoned_samples
 from datamodules.sources import read_harmful_pairs
 from helpers.configs import ROOT
-from helpers.hub import beavertails, rows
+from helpers.hub import HUB, beavertails, rows
 from plumbing.errors import InputError
 
 PAIRS = "pkg:pyrit/datasets/jailbreak/many_shot_examples.json"
@@ -75,6 +75,32 @@ def test_beavertails_split_sizes_roles_and_disjointness():
     assert not any("mixed case" in p for p in splits.align_prompts)
     assert beavertails().eval_prompts == splits.eval_prompts  # split_seed fixes the split
     assert beavertails(split_seed=1).eval_prompts != splits.eval_prompts
+
+
+def test_beavertails_evaluation_set_gives_the_hs_prompts_in_its_order():
+    """Antibody's protocol: the HS prompts are an evaluation set's (deduplicated, in file order,
+    each with its category as source), and they leave every training role."""
+    evaluation = {
+        "eval_hub_name": "PKU-Alignment/BeaverTails-Evaluation",
+        "eval_split": "test",
+        "eval_path": str(HUB / "beavertails_evaluation_test.jsonl"),
+    }
+    splits = beavertails(n_eval=5, **evaluation)
+    file_rows = rows("beavertails_evaluation_test.jsonl")
+    distinct = [r for i, r in enumerate(file_rows) if i != 3]  # row 3 repeats row 1
+    assert splits.eval_prompts == [r["prompt"] for r in distinct]
+    assert splits.eval_sources[0] == "beavertails_evaluation_animal_abuse"
+    roles = splits.roles()
+    for a in roles:
+        for b in roles:
+            if a < b:
+                assert not roles[a] & roles[b], (a, b)
+    train_prompts = {normalize(p.prompt) for p in splits.user_pairs + splits.defender_pairs}
+    assert normalize(file_rows[2]["prompt"]) not in train_prompts  # an unsafe train prompt
+    assert normalize(file_rows[5]["prompt"]) not in {normalize(p) for p in splits.align_prompts}
+    assert beavertails(n_eval=2, **evaluation).eval_prompts == splits.eval_prompts[:2]
+    with pytest.raises(InputError, match=r"data.n_eval=6 must be in \[1, 5\].*Evaluation \[test\]"):
+        beavertails(n_eval=6, **evaluation)
 
 
 def test_beavertails_roles_that_cannot_be_filled_are_named_with_their_sizes():
