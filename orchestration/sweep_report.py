@@ -39,6 +39,15 @@ COLUMN = "harmful_ratio"
 # their values, and the table says which of them varied.
 REPEATS = ("seed", "align.seed", "finetune.seed", "finetune.sample_seed")
 METRICS = {"HS": "harmful_score", "FA": "finetune_accuracy"}
+# described in the CSV only (mean and each seed's value; no interval or test): HS+, how often the
+# deployed model refuses task prompts, and the aligned model's HS and refusals (the alignment
+# stage's own effect, before any fine-tuning)
+DESCRIBED = {
+    "HS_plus": "harmful_score_plus",
+    "task_refusal": "task_refusal_rate",
+    "aligned_HS": "aligned_harmful_score",
+    "aligned_task_refusal": "aligned_task_refusal_rate",
+}
 BASELINE = "sft"  # every other defense is compared with it, prompt by prompt
 # per-prompt outcome behind each metric in generations_deployed.jsonl: (row kind, field, key fields)
 OUTCOMES = {
@@ -197,6 +206,10 @@ def summarize(points: list[Point], level: float = DEFAULT_LEVEL) -> list[dict]:
             row[f"{short}_ci_low"], row[f"{short}_ci_high"] = interval or (None, None)
             test = (paired_test(finished, done, short) if compared else None) or {}
             row.update({f"{short}_{column}": test.get(column) for column in PAIRED_COLUMNS})
+        for short, key in DESCRIBED.items():
+            values = [p.results[key] for p in finished if p.results.get(key) is not None]
+            row[f"{short}_mean"] = statistics.fmean(values) if values else None
+            row[f"{short}_values"] = " ".join(f"{v:g}" for v in values)
         row["stage_seconds"] = round(sum(stage_seconds(p) for p in finished), 1)
         row["errors"] = "; ".join(sorted({p.error for p in group if p.error}))
         rows.append(row)

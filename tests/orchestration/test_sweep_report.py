@@ -62,8 +62,8 @@ def write_point(
             "point_key": "k",
             "processes": 1,
             "harmful_score": hs,
-            "harmful_score_plus": hs,
-            "task_refusal_rate": 0.0,
+            "harmful_score_plus": hs + 10,
+            "task_refusal_rate": 5.0 * seed,
             "n_eval_prompts": 10,
             "judge": "refusal",
             "finetune_accuracy": fa,
@@ -100,6 +100,10 @@ def test_intervals_over_seeds_and_mcnemar_against_sft(tmp_path):
     assert rows["panacea"]["FA_p_vs_sft"] == pytest.approx(mcnemar_exact(1, 0)) == 1.0
     assert rows["sft"]["HS_p_vs_sft"] is None  # the baseline itself
     assert rows["sft"]["HS_mean"] == statistics.fmean(h for h, _ in sft)
+    # described only: means and each seed's value; a metric the points lack is empty
+    assert rows["panacea"]["HS_plus_values"] == "30 40" and rows["panacea"]["HS_plus_mean"] == 35
+    assert rows["panacea"]["task_refusal_values"] == "0 5"
+    assert rows["panacea"]["aligned_HS_mean"] is None and rows["panacea"]["aligned_HS_values"] == ""
 
     table = (sweep / "table.md").read_text()
     assert "p=0.0039**" in table and "(2 seeds < 3)" in table and "McNemar" in table
