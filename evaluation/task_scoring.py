@@ -60,13 +60,14 @@ def agnews_label(output: str) -> str | None:
 
 
 def gsm8k_number(text: str) -> float:
-    """The first number after "The final answer is: ", else the last number; inf when none."""
+    """The first number between the first "The final answer is: " and the next one (the
+    references' `split(...)[1]`), else the last number of the text; inf when none."""
     text = text.replace(",", "")
     numbers = re.findall(r"-?\d+\.?\d*", text)
     if not numbers:
         return math.inf
     if ANSWER_PROMPT in text:
-        after = re.findall(r"-?\d+\.?\d*", text.split(ANSWER_PROMPT, 1)[1])
+        after = re.findall(r"-?\d+\.?\d*", text.split(ANSWER_PROMPT)[1])
         chosen = after[0] if after else numbers[-1]
     else:
         chosen = numbers[-1]

@@ -66,6 +66,8 @@ def test_answer_extraction_on_tricky_outputs():
         gsm8k_number("12 and 18. The final answer is: unknown") == 18.0
     )  # phrase, no number after: last
     assert gsm8k_number("The final answer is: about 12 or 18") == 12.0
+    # only up to a second "The final answer is: ", then the last number of the whole text
+    assert gsm8k_number("The final answer is: none. The final answer is: 7, or 9") == 9.0
     assert (
         gsm8k_number("The final answer is: -3.50") == -3.5 and gsm8k_number("no digits") == math.inf
     )
