@@ -8,7 +8,8 @@ live in the `hydra_plugins` package).
 
 The study lives in SQLite (`storage`) under the sweep directory: running the same command again
 continues it up to `n_trials` finished trials, and each trial's run directory is a grid point
-like any other (a trial whose point finished before is read back, not rerun). The objectives
+like any other (a trial whose point finished before is read back, not rerun); a trial killed
+with its sweep is asked again first with the same values, so its points resume. The objectives
 are results.json metrics, each with its direction (default: lowest HS, highest FA, a
 two-objective study whose Pareto front is written to <sweep>/tuning.json). With `repeats`
 (e.g. {seed: [0, 1, 2]}) a trial runs once per repeat and its values are the means over them:
@@ -182,8 +183,13 @@ class OptunaSweeper(Sweeper):
             sampler=optuna.samplers.TPESampler(seed=self.seed),
             load_if_exists=True,
         )
+        # A trial left RUNNING was killed with its sweep: it fails, and its values are asked
+        # again first, so its finished repeats are found done and its killed run resumes from
+        # its stage checkpoints (same overrides, same point directories) instead of starting over.
         for stale in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
-            study.tell(stale.number, state=optuna.trial.TrialState.FAIL)  # a killed earlier sweep
+            study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
+            if stale.params:
+                study.enqueue_trial(stale.params, user_attrs={"retry_of": stale.number})
         # a continued study draws on from where it was, not the first trials' values again
         study.sampler = optuna.samplers.TPESampler(seed=self.seed + len(study.trials))
         failed_in_a_row = 0  # a cause every trial shares (a bad fixed override) ends the study

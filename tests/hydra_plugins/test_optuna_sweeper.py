@@ -52,6 +52,34 @@ def test_study_is_stored_and_continued(tmp_path):
     assert len([d for d in sweep.iterdir() if (d / "results.json").is_file()]) == 3
 
 
+@pytest.mark.e2e
+def test_a_killed_trial_is_asked_again_with_its_values(tmp_path):
+    """A trial left RUNNING (its sweep was killed) fails, and the continued study asks its values
+    again first: the same overrides name the same points, which resume instead of restarting."""
+    sweep = tmp_path / "sweep"
+    args = [
+        "-m",
+        "experiment=tune_panacea_rho",
+        "defense.finetune.harmful_batch_size=4",
+        "hydra.sweeper.repeats=null",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    first = run_tiny(tmp_path, *args, "hydra.sweeper.n_trials=1")
+    assert first.returncode == 0, first.stderr[-2000:]
+    killed = study(sweep / "optuna.db").ask()  # what a sweep killed mid-trial leaves behind
+    rho = killed.suggest_float("defense.finetune.rho", 0.1, 10.0, log=True)
+
+    again = run_tiny(tmp_path, *args, "hydra.sweeper.n_trials=2")
+    assert again.returncode == 0, again.stderr[-2000:]
+    trials = study(sweep / "optuna.db").trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert trials[2].params == {"defense.finetune.rho": rho}
+    assert trials[2].user_attrs["retry_of"] == killed.number == 1
+    runs = [json.loads(p.read_text()) for p in sweep.glob("*/results.json")]
+    rhos = {r["stage_config"]["finetune"]["module"]["rho"] for r in runs}
+    assert rhos == {trials[0].params["defense.finetune.rho"], rho}
+
+
 def test_bad_search_space_is_refused_before_anything_is_written(tmp_path):
     experiments = tmp_path / "conf" / "experiment"
     experiments.mkdir(parents=True)
