@@ -6,7 +6,9 @@
 - `eval_prompts`: held-out harmful prompts for the harmful score, each with its source name
   (`eval_sources`, for HS per source): `n_eval` of the prompt sources, `n_eval_remainder` more of
   what the prompt sources leave after alignment, and `n` of each held-out-only source
-  (`heldout_sources`, files never used in a training role).
+  (`heldout_sources`, files never used in a training role);
+- `validation_prompts`: the prompt sources' prompts in no role above, for tuning a hyperparameter
+  on prompts the test set does not contain (`+eval.datamodule.split=validation`).
 
 Pairs and prompts are deduplicated on a normalized form of the prompt; every normalized prompt
 gets exactly one role, and prompt-only sources lose any prompt that also appears among the pairs.
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from datamodules.sources import HarmfulPair, read_harmful_pairs, read_prompts
@@ -39,6 +41,7 @@ class HarmfulSplits:
     # responses); None: the alignment stage pairs each prompt with one of the project's refusals
     align_answers: list[str] | None = None
     eval_sources: list[str] | None = None  # the source name of each eval prompt
+    validation_prompts: list[str] = field(default_factory=list)  # none: no validation split
 
     def __post_init__(self):
         if self.eval_sources is None:
@@ -51,6 +54,7 @@ class HarmfulSplits:
             "defender": {normalize(p.prompt) for p in self.defender_pairs},
             "align": {normalize(p) for p in self.align_prompts},
             "eval": {normalize(p) for p in self.eval_prompts},
+            "validation": {normalize(p) for p in self.validation_prompts},
         }
 
 
@@ -82,7 +86,8 @@ def build_harmful_splits(
     """Read the sources and partition them; raises InputError when a role cannot be filled.
 
     The prompt sources are split first (eval, then alignment, then the rest), so adding held-out
-    prompts (`n_eval_remainder`, `heldout_sources`) leaves the alignment prompts as they were."""
+    prompts (`n_eval_remainder`, `heldout_sources`) leaves the alignment prompts as they were;
+    what the held-out remainder leaves of the rest is the validation split."""
     pairs = _unique(read_harmful_pairs(harmful_pairs), key=lambda p: normalize(p.prompt))
     pair_keys = {normalize(p.prompt) for p in pairs}
     prompts = [(p, source_name(s)) for s in prompt_sources for p in read_prompts(s)]
@@ -112,7 +117,8 @@ def build_harmful_splits(
     rng = random.Random(split_seed)
     rng.shuffle(pairs)
     rng.shuffle(prompts)
-    held_out = prompts[:n_eval] + prompts[n_eval + n_align :][:n_eval_remainder]
+    rest = prompts[n_eval + n_align :]
+    held_out = prompts[:n_eval] + rest[:n_eval_remainder]
     held_out += heldout_only(heldout_sources, {normalize(p) for p, _ in prompts} | pair_keys, rng)
     return HarmfulSplits(
         user_pairs=pairs[n_defender:],
@@ -121,6 +127,7 @@ def build_harmful_splits(
         eval_sources=[name for _, name in held_out],
         align_prompts=[p for p, _ in prompts[n_eval : n_eval + n_align]],
         pairs_source=harmful_pairs,
+        validation_prompts=[p for p, _ in rest[n_eval_remainder:]],
     )
 
 

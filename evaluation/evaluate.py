@@ -89,6 +89,7 @@ def evaluate_model(
         **judged_metrics(verdicts, task_refused, judge.name, level),
         **accuracy_metrics(correct, level),
         "harmful_score_by_source": harmful_score_by_source(verdicts, data.harmful_sources, level),
+        "eval_split": data.split,
     }
     if generations_path is not None and is_main():
         rows = [

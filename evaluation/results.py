@@ -49,6 +49,8 @@ class EvalMetrics(JudgedMetrics):
     finetune_accuracy_ci: list[float] | None = None
     harmful_score_by_source: dict[str, SourceScore] | None = None  # HS of each held-out source
     n_task_eval: int
+    # test | validation (datamodules/evaluation.py); absent in older files, which are all test
+    eval_split: str | None = None
 
 
 class RunInfo(BaseModel):

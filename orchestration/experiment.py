@@ -21,7 +21,7 @@ from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from torch.distributed.fsdp import FSDPModule
 
 from callbacks.stage_checkpoints import StageCheckpoints, latest_checkpoint
-from datamodules.evaluation import EvaluationDataModule
+from datamodules.evaluation import EvaluationDataModule, split_problems
 from datamodules.formatting import PromptFormatter
 from datamodules.harmful import splits_from_config
 from datamodules.poisoned import check_poison_counts
@@ -66,6 +66,7 @@ class Experiment:
             self.task, self.splits, poisoned.n, poisoned.harmful_ratio
         )
         self.check_parts_against_data()
+        self.check_evaluation_split()
         self.model = self.tokenizer = self.formatter = None
         self.merged_adapters: list[tuple[dict, int]] = []  # (adapter state, seed of the next one)
         self.finetune_module = None  # set by the finetune stage; a post transform may read it
@@ -99,6 +100,16 @@ class Experiment:
                     "defense.post needs calibration data, the defender's harmful pairs, but "
                     "data.n_defender=0: raise it"
                 )
+
+    def check_evaluation_split(self) -> None:
+        """Before the model loads: the split the evaluation reads (+eval.datamodule.split=...,
+        `test` when absent) exists for this data and task."""
+        split = self.cfg.eval.datamodule.get("split", "test")
+        problems = split_problems(
+            split, self.cfg.eval.n_task, len(self.task.test), len(self.splits.validation_prompts)
+        )
+        if problems:
+            raise InputError("; ".join(problems))
 
     def load_model(self) -> None:
         """The base model with the alignment's LoRA adapter; adapters merged by `new_adapter`
@@ -309,10 +320,12 @@ class Experiment:
         )
 
     def evaluation_data(self) -> EvaluationDataModule:
-        """conf `eval.datamodule`: the held-out harmful prompts and the task's test set."""
+        """conf `eval.datamodule`: the held-out harmful prompts and the task's test set (or, with
+        split=validation, the validation prompts and the task's next test examples)."""
         return instantiate(self.cfg.eval.datamodule)(
             harmful_prompts=self.splits.eval_prompts,
             harmful_sources=self.splits.eval_sources,
+            validation_prompts=self.splits.validation_prompts,
             task=self.task,
             formatter=self.formatter,
         )

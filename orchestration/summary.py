@@ -53,6 +53,7 @@ def print_summary(results: dict) -> None:
         f"samples: user set n={results['n']} (harmful {results['n_harmful']}, benign {results['n_benign']}); "
         f"alignment {results['n_align']}; defender-held harmful {results['n_defender']}; "
         f"eval: {results.get('n_eval_prompts', '-')} harmful prompts, {results.get('n_task_eval', '-')} task examples"
+        + (" (validation split)" if results.get("eval_split") == "validation" else "")
     )
     if results.get("aligned_adapter"):
         how = "reused from cache" if results.get("aligned_reused") else "trained and cached"

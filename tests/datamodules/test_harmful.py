@@ -6,7 +6,7 @@ import pytest
 
 from datamodules.harmful import build_harmful_splits, normalize
 from datamodules.poisoned import poisoned_samples
-from datamodules.sources import read_harmful_pairs
+from datamodules.sources import read_harmful_pairs, read_prompts
 from helpers.configs import ROOT
 from helpers.hub import HUB, beavertails, rows
 from plumbing.errors import InputError
@@ -21,7 +21,18 @@ def test_roles_are_disjoint_by_construction(offline_splits, task, tiny_formatter
         "defender": 100,
         "align": 200,
         "eval": 40,
+        "validation": len(offline_splits.validation_prompts),
     }
+    # the validation split: every prompt of the prompt sources in no other role (none is a pair)
+    advbench = {
+        normalize(p)
+        for p in read_prompts(
+            {"path": "pkg:pyrit/datasets/seed_datasets/local/adv_bench.prompt", "format": "seed_yaml"}
+        )
+    }
+    pair_prompts = {normalize(p.prompt) for p in read_harmful_pairs(PAIRS)}
+    assert roles["validation"] == advbench - pair_prompts - roles["eval"] - roles["align"]
+    assert len(roles["validation"]) > 200
     names = list(roles)
     for i, a in enumerate(names):
         for b in names[i + 1 :]:

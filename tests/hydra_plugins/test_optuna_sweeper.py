@@ -41,6 +41,7 @@ def test_study_is_stored_and_continued(tmp_path):
         )
         results = json.loads((run_dir / "results.json").read_text())
         assert t.values == [results["harmful_score"], results["finetune_accuracy"]]
+        assert results["eval_split"] == "validation"  # tuned apart from the reported test split
         assert 0.1 <= t.params["defense.finetune.rho"] <= 10.0  # the experiment's range
     summary = json.loads((sweep / "tuning.json").read_text())
     assert len(summary["trials"]) == 2 and summary["best"]

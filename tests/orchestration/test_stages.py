@@ -82,6 +82,25 @@ def test_eval_stage_on_a_given_checkpoint_reproduces_the_run(tiny_cfg, tmp_path)
     assert "aligned_harmful_score" not in only_eval
 
 
+def test_an_evaluation_on_the_validation_split_reads_only_its_prompts(tiny_cfg, tmp_path):
+    """+eval.datamodule.split=validation: HS on the data's validation prompts, FA on the task's
+    next test examples; the run records the split, and the test evaluation is not reused."""
+    from orchestration.experiment import Experiment
+
+    base = ("stages=[eval]", "checkpoint=base")
+    cfg = tiny_cfg(*base, "+eval.datamodule.split=validation")
+    results = run_module.run(cfg, tmp_path / "run")
+    assert results["eval_split"] == "validation" and results["reused"] == []
+    exp = Experiment(cfg, tmp_path / "other")
+    splits, task = exp.splits, exp.task
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "generations_deployed.jsonl")]
+    assert [r["prompt"] for r in rows if r["kind"] == "harmful"] == splits.validation_prompts
+    assert [r["prompt"] for r in rows if r["kind"] == "task"] == [e.input for e in task.test[6:12]]
+    test = run_module.run(tiny_cfg(*base), tmp_path / "test")
+    assert test["eval_split"] == "test" and test["reused"] == []
+    assert test["n_eval_prompts"] == len(splits.eval_prompts)
+
+
 def test_command_line_errors(tmp_path):
     """The real entry point: one clear message, exit code 2, no traceback; Hydra lists options."""
 

@@ -150,6 +150,11 @@ def test_gpu_trainer_without_gpu_is_refused_before_any_work(tiny_cfg):
         ),
         (["defense=antidote", "data.n_defender=0"], "defense.post needs calibration data"),
         (["align.max_grad_norm=0"], "align.max_grad_norm=0 must be a number > 0, or null"),
+        (["+eval.datamodule.split=dev"], "eval.datamodule.split='dev' must be one of"),
+        (
+            ["+eval.datamodule.split=validation", "eval.n_task=11"],
+            "task.n_test=20 must be at least 22",
+        ),
         (
             ["stages=[eval]", "checkpoint=base", "defense=vaccine"],
             "finetune.adapter=new: a fine-tuned adapter file then holds only",
