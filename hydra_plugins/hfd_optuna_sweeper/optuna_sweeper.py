@@ -14,6 +14,8 @@ are results.json metrics, each with its direction (default: lowest HS, highest F
 two-objective study whose Pareto front is written to <sweep>/tuning.json). With `repeats`
 (e.g. {seed: [0, 1, 2]}) a trial runs once per repeat and its values are the means over them:
 on a model whose HS moves by tens of points with the seed, a single run tunes to the noise.
+With `pick` (e.g. {best: harmful_score, within: {finetune_accuracy: 5}}) tuning.json also names
+the one trial a rule fixed before the study chooses (`picked`).
 """
 
 from __future__ import annotations
@@ -98,6 +100,43 @@ def repeats_problems(repeats: dict, space: dict, config: DictConfig) -> list[str
     return problems
 
 
+def pick_problems(pick: dict | None, objectives: dict) -> list[str]:
+    """`pick` names objectives only, with margins that are numbers >= 0."""
+    if pick is None:
+        return []
+    problems = []
+    if pick.get("best") not in (objectives or {}):
+        problems.append(
+            f"hydra.sweeper.pick.best={pick.get('best')!r} must be one of the objectives "
+            f"{list(objectives or {})}"
+        )
+    for metric, margin in (pick.get("within") or {}).items():
+        if metric not in (objectives or {}):
+            problems.append(f"hydra.sweeper.pick.within: '{metric}' is not an objective")
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0:
+            problems.append(f"hydra.sweeper.pick.within.{metric}={margin!r} must be a number >= 0")
+    unknown = set(pick) - {"best", "within"}
+    if unknown:
+        problems.append(f"hydra.sweeper.pick: unknown keys {sorted(unknown)} (best, within)")
+    return problems
+
+
+def picked(trials: list[tuple[int, dict]], objectives: dict, pick: dict) -> int | None:
+    """The number of the trial `pick` chooses among finished `trials` ((number, {metric: mean})):
+    of those whose every `within` metric is within its margin of the best trial's value of it
+    (best by its direction), the best by `best`'s direction (ties: the earliest trial). Such a
+    trial is on the Pareto front: one dominating it would pass the margins and beat it."""
+    if not trials:
+        return None
+    sign = {m: 1 if d == "minimize" else -1 for m, d in objectives.items()}  # lower is better
+    kept = trials
+    for metric, margin in (pick.get("within") or {}).items():
+        best = min(sign[metric] * values[metric] for _, values in trials)
+        kept = [t for t in kept if sign[metric] * t[1][metric] <= best + margin]
+    key = pick["best"]
+    return min(kept, key=lambda t: (sign[key] * t[1][key], t[0]))[0]
+
+
 def repeat_overrides(repeats: dict) -> list[list[str]]:
     """One override list per combination of the repeated values ([[]] without repeats)."""
     keys = list(repeats or {})
@@ -133,6 +172,7 @@ class OptunaSweeper(Sweeper):
         n_jobs: int = 1,
         max_failures: int = 3,
         repeats: dict | None = None,
+        pick: dict | None = None,
     ):
         super().__init__()
         self.search_space = dict(search_space or {})
@@ -140,6 +180,9 @@ class OptunaSweeper(Sweeper):
         self.n_trials, self.storage, self.study_name = n_trials, storage, study_name
         self.seed, self.n_jobs, self.max_failures = seed, n_jobs, max_failures
         self.repeats = {k: list(v) for k, v in (repeats or {}).items()}
+        if isinstance(pick, DictConfig):  # plain values: tuning.json writes the rule
+            pick = OmegaConf.to_container(pick)
+        self.pick = None if pick is None else dict(pick)
         self.config: DictConfig | None = None
         self.launcher = None
         self.hydra_context: HydraContext | None = None
@@ -170,6 +213,7 @@ class OptunaSweeper(Sweeper):
         problems = settings_problems(self.n_trials, self.n_jobs, self.max_failures)
         problems += search_space_problems(self.search_space, self.config, self.objectives)
         problems += repeats_problems(self.repeats, self.search_space, self.config)
+        problems += pick_problems(self.pick, self.objectives)
         if problems:  # before the study or any run directory exists
             raise OptunaSearchError("invalid Optuna search:\n  - " + "\n  - ".join(problems))
         fixed = self.fixed_overrides(list(arguments))
@@ -261,10 +305,16 @@ class OptunaSweeper(Sweeper):
             "best": [row(t) for t in study.best_trials] if complete else [],
             "trials": [row(t) for t in study.trials],
         }
+        if self.pick is not None:
+            means = [(t.number, dict(zip(self.objectives, t.values))) for t in complete]
+            number = picked(means, self.objectives, self.pick)
+            summary["pick"] = self.pick
+            summary["picked"] = None if number is None else row(study.trials[number])
         path.write_text(json.dumps(summary, indent=2) + "\n")
         log.info(
-            "Optuna study %s: %d finished trials; best: %s",
+            "Optuna study %s: %d finished trials; best: %s%s",
             self.study_name,
             len(complete),
             summary["best"],
+            f"; picked: {summary['picked']}" if "picked" in summary else "",
         )

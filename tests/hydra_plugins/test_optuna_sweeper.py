@@ -45,6 +45,11 @@ def test_study_is_stored_and_continued(tmp_path):
         assert 0.1 <= t.params["defense.finetune.rho"] <= 10.0  # the experiment's range
     summary = json.loads((sweep / "tuning.json").read_text())
     assert len(summary["trials"]) == 2 and summary["best"]
+    # the experiment's rule: FA within 5 of the best FA, then the lowest HS (earliest on ties)
+    best_fa = max(t["values"][1] for t in summary["trials"])
+    eligible = [t for t in summary["trials"] if t["values"][1] >= best_fa - 5]
+    expected = min(eligible, key=lambda t: (t["values"][0], t["number"]))
+    assert summary["picked"] == expected
 
     again = run_tiny(tmp_path, *args, "hydra.sweeper.n_trials=3")  # continues: one more trial
     assert again.returncode == 0, again.stderr[-2000:]
@@ -90,6 +95,7 @@ def test_bad_search_space_is_refused_before_anything_is_written(tmp_path):
         "hydra:\n  sweeper:\n    search_space:\n"
         "      defense.finetune.rh: {type: float, low: 0.1, high: 1.0}\n"
         "      defense.finetune.lam: {type: uniform, low: 0.1, high: 1.0}\n"
+        "    pick: {best: hs}\n"
     )
     sweep = tmp_path / "sweep"
     result = run_tiny(
@@ -105,6 +111,7 @@ def test_bad_search_space_is_refused_before_anything_is_written(tmp_path):
         in result.stderr
     )
     assert "'defense.finetune.lam': type='uniform' must be one of" in result.stderr
+    assert "hydra.sweeper.pick.best='hs' must be one of the objectives" in result.stderr
     assert "Traceback" not in result.stderr
     assert not sweep.exists() and not (tmp_path / "cache").exists()
 
@@ -206,4 +213,48 @@ def test_repeats_are_checked():
     assert repeat_overrides({"seed": [0, 1], "finetune.n": [10]}) == [
         ["seed=0", "finetune.n=10"],
         ["seed=1", "finetune.n=10"],
+    ]
+
+
+def test_the_pick_rule_against_hand_worked_trials():
+    from hydra_plugins.hfd_optuna_sweeper.optuna_sweeper import picked
+
+    objectives = {"harmful_score": "minimize", "finetune_accuracy": "maximize"}
+    trials = [
+        (0, {"harmful_score": 40.0, "finetune_accuracy": 90.0}),
+        (1, {"harmful_score": 20.0, "finetune_accuracy": 84.0}),
+        (2, {"harmful_score": 30.0, "finetune_accuracy": 86.0}),
+        (3, {"harmful_score": 10.0, "finetune_accuracy": 60.0}),
+        (4, {"harmful_score": 30.0, "finetune_accuracy": 89.0}),
+    ]
+
+    def rule(margin):
+        return {"best": "harmful_score", "within": {"finetune_accuracy": margin}}
+
+    assert picked(trials, objectives, rule(5.0)) == 2  # FA >= 85: 0, 2, 4; HS 30 tie: earliest
+    assert picked(trials, objectives, rule(6.0)) == 1  # FA >= 84 lets trial 1 in
+    assert picked(trials, objectives, rule(0)) == 0  # only the best FA
+    assert picked(trials, objectives, {"best": "harmful_score"}) == 3  # no margin: lowest HS
+    assert picked(trials, objectives, {"best": "finetune_accuracy"}) == 0
+    assert picked([], objectives, rule(5.0)) is None
+
+
+def test_the_pick_rule_is_checked():
+    from hydra_plugins.hfd_optuna_sweeper.optuna_sweeper import pick_problems
+
+    objectives = {"harmful_score": "minimize", "finetune_accuracy": "maximize"}
+    assert pick_problems(None, objectives) == []
+    assert (
+        pick_problems({"best": "harmful_score", "within": {"finetune_accuracy": 5}}, objectives)
+        == []
+    )
+    assert pick_problems(
+        {"best": "hs", "within": {"fa": -1, "finetune_accuracy": True}, "margin": 1}, objectives
+    ) == [
+        "hydra.sweeper.pick.best='hs' must be one of the objectives "
+        "['harmful_score', 'finetune_accuracy']",
+        "hydra.sweeper.pick.within: 'fa' is not an objective",
+        "hydra.sweeper.pick.within.fa=-1 must be a number >= 0",
+        "hydra.sweeper.pick.within.finetune_accuracy=True must be a number >= 0",
+        "hydra.sweeper.pick: unknown keys ['margin'] (best, within)",
     ]
