@@ -101,12 +101,17 @@ class Experiment:
                     "data.n_defender=0: raise it"
                 )
 
+    def eval_split(self) -> str:
+        """The split the evaluation reads: +eval.datamodule.split=..., `test` when absent."""
+        return self.cfg.eval.datamodule.get("split", "test")
+
     def check_evaluation_split(self) -> None:
-        """Before the model loads: the split the evaluation reads (+eval.datamodule.split=...,
-        `test` when absent) exists for this data and task."""
-        split = self.cfg.eval.datamodule.get("split", "test")
+        """Before the model loads: the evaluation's split exists for this data and task."""
         problems = split_problems(
-            split, self.cfg.eval.n_task, len(self.task.test), len(self.splits.validation_prompts)
+            self.eval_split(),
+            self.cfg.eval.n_task,
+            len(self.task.test),
+            len(self.splits.validation_prompts),
         )
         if problems:
             raise InputError("; ".join(problems))
@@ -217,7 +222,12 @@ class Experiment:
             and stage in node.stages
             and getattr(get_class(node._target_), "observes_training", False)
         }
-        return {"observers": found, "judge": plain(self.cfg.judge)} if found else {}
+        if not found:
+            return {}
+        # the safety probe reads the evaluation's prompts; keyed only off the default split, so
+        # the keys of stages trained before the split existed stay as they were
+        split = {} if self.eval_split() == "test" else {"eval_split": self.eval_split()}
+        return {"observers": found, "judge": plain(self.cfg.judge), **split}
 
     def model_fingerprint(self) -> str:
         """A hash of the model as it is now: its config, the adapters merged into it, and the

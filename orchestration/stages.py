@@ -237,7 +237,9 @@ def run_eval(exp: Experiment, generations_path: Path, tag: str) -> dict:
         exp.reused.append(f"eval_{tag}")
         if is_main():
             shutil.copyfile(entry / "generations.jsonl", generations_path)
-    return json.loads((entry / "metrics.json").read_text())
+    metrics = json.loads((entry / "metrics.json").read_text())
+    # an entry written before the split existed is of the test split (the split is in the key)
+    return {**metrics, "eval_split": metrics.get("eval_split", exp.eval_split())}
 
 
 STAGE_FUNCTIONS = {

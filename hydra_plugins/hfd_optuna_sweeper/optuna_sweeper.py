@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -100,21 +101,35 @@ def repeats_problems(repeats: dict, space: dict, config: DictConfig) -> list[str
     return problems
 
 
-def pick_problems(pick: dict | None, objectives: dict) -> list[str]:
-    """`pick` names objectives only, with margins that are numbers >= 0."""
+def pick_problems(pick, objectives: dict) -> list[str]:
+    """`pick` is a mapping {best, within} that names objectives only, with finite margins >= 0."""
     if pick is None:
         return []
+    if not isinstance(pick, dict):
+        return [
+            f"hydra.sweeper.pick={pick!r} must be a mapping {{best: M, within: {{M2: margin}}}}"
+        ]
     problems = []
     if pick.get("best") not in (objectives or {}):
         problems.append(
             f"hydra.sweeper.pick.best={pick.get('best')!r} must be one of the objectives "
             f"{list(objectives or {})}"
         )
-    for metric, margin in (pick.get("within") or {}).items():
+    within = pick.get("within") or {}
+    if not isinstance(within, dict):
+        problems.append(f"hydra.sweeper.pick.within={within!r} must be a mapping {{M2: margin}}")
+        within = {}
+    for metric, margin in within.items():
         if metric not in (objectives or {}):
             problems.append(f"hydra.sweeper.pick.within: '{metric}' is not an objective")
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0:
-            problems.append(f"hydra.sweeper.pick.within.{metric}={margin!r} must be a number >= 0")
+        if (
+            isinstance(margin, bool)
+            or not isinstance(margin, (int, float))
+            or not 0 <= margin < math.inf
+        ):
+            problems.append(
+                f"hydra.sweeper.pick.within.{metric}={margin!r} must be a finite number >= 0"
+            )
     unknown = set(pick) - {"best", "within"}
     if unknown:
         problems.append(f"hydra.sweeper.pick: unknown keys {sorted(unknown)} (best, within)")
@@ -122,19 +137,20 @@ def pick_problems(pick: dict | None, objectives: dict) -> list[str]:
 
 
 def picked(trials: list[tuple[int, dict]], objectives: dict, pick: dict) -> int | None:
-    """The number of the trial `pick` chooses among finished `trials` ((number, {metric: mean})):
-    of those whose every `within` metric is within its margin of the best trial's value of it
-    (best by its direction), the best by `best`'s direction (ties: the earliest trial). Such a
-    trial is on the Pareto front: one dominating it would pass the margins and beat it."""
-    if not trials:
-        return None
+    """The number of the trial `pick` chooses among finished `trials` ((number, {metric: mean})),
+    or None when none passes: of those whose every `within` metric is within its margin of the
+    best trial's value of it (best by its direction), the best by `best`'s direction; ties go to
+    the better by the other objectives in their order, then to the earliest trial. So the pick is
+    on the Pareto front: a trial dominating it would pass the margins and come first."""
     sign = {m: 1 if d == "minimize" else -1 for m, d in objectives.items()}  # lower is better
     kept = trials
     for metric, margin in (pick.get("within") or {}).items():
-        best = min(sign[metric] * values[metric] for _, values in trials)
+        best = min((sign[metric] * values[metric] for _, values in trials), default=0.0)
         kept = [t for t in kept if sign[metric] * t[1][metric] <= best + margin]
-    key = pick["best"]
-    return min(kept, key=lambda t: (sign[key] * t[1][key], t[0]))[0]
+    if not kept:  # no trial yet, or (several margins) none within all of them at once
+        return None
+    order = [pick["best"], *(m for m in objectives if m != pick["best"])]
+    return min(kept, key=lambda t: (*(sign[m] * t[1][m] for m in order), t[0]))[0]
 
 
 def repeat_overrides(repeats: dict) -> list[list[str]]:
@@ -182,7 +198,7 @@ class OptunaSweeper(Sweeper):
         self.repeats = {k: list(v) for k, v in (repeats or {}).items()}
         if isinstance(pick, DictConfig):  # plain values: tuning.json writes the rule
             pick = OmegaConf.to_container(pick)
-        self.pick = None if pick is None else dict(pick)
+        self.pick = pick  # checked with the search space, before the study
         self.config: DictConfig | None = None
         self.launcher = None
         self.hydra_context: HydraContext | None = None
@@ -227,12 +243,14 @@ class OptunaSweeper(Sweeper):
             sampler=optuna.samplers.TPESampler(seed=self.seed),
             load_if_exists=True,
         )
+        self.keep_pick_rule(study)
         # A trial left RUNNING was killed with its sweep: it fails, and its values are asked
         # again first, so its finished repeats are found done and its killed run resumes from
         # its stage checkpoints (same overrides, same point directories) instead of starting over.
+        # Once only: values whose run kills the sweep itself (out of memory) would stall it.
         for stale in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
             study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
-            if stale.params:
+            if stale.params and "retry_of" not in stale.user_attrs:
                 study.enqueue_trial(stale.params, user_attrs={"retry_of": stale.number})
         # a continued study draws on from where it was, not the first trials' values again
         study.sampler = optuna.samplers.TPESampler(seed=self.seed + len(study.trials))
@@ -261,6 +279,20 @@ class OptunaSweeper(Sweeper):
                 )
         self.write_summary(study, sweep_dir / "tuning.json")
         return study
+
+    def keep_pick_rule(self, study) -> None:
+        """The pick rule is fixed when the study starts: a continued study with another rule
+        stops (changing it after seeing the trials would make the pick a choice among them)."""
+        rule = json.dumps(self.pick, sort_keys=True)
+        if "pick" not in study.user_attrs:
+            study.set_user_attr("pick", rule)
+        elif study.user_attrs["pick"] != rule:
+            raise OptunaSearchError(
+                f"hydra.sweeper.pick={rule} differs from the rule the study {self.study_name} "
+                f"started with ({study.user_attrs['pick']}): a pick rule is fixed before the "
+                "trials are seen. Continue with that rule, or start a new study (another "
+                "study_name or sweep directory)"
+            )
 
     def tell(self, study, trial, jobs: list) -> bool:
         """Report the trial's objectives to the study, each the mean over its repeats (every

@@ -142,3 +142,16 @@ def test_one_override_turns_the_probe_on_in_a_run(tiny_cfg, tmp_path):
     assert "finetune" in again["reused"]
     csv = "finetune_diagnostics/safety_probe.csv"
     assert (tmp_path / "again" / csv).read_text() == (tmp_path / "run" / csv).read_text()
+
+
+def test_a_probed_fine_tuning_is_keyed_by_the_split_the_probe_reads(tiny_cfg, tmp_path):
+    """The probe answers the evaluation's prompts, so its measurements depend on the split: a
+    probed fine-tuning is cached per split, an unprobed one is shared by both."""
+    from orchestration.experiment import Experiment
+
+    def key(*overrides):
+        return Experiment(tiny_cfg(*overrides), tmp_path / "run").finetune_key()
+
+    validation = "+eval.datamodule.split=validation"
+    assert key() == key(validation)
+    assert key("callbacks=safety_probe") != key("callbacks=safety_probe", validation)

@@ -27,7 +27,10 @@ def test_roles_are_disjoint_by_construction(offline_splits, task, tiny_formatter
     advbench = {
         normalize(p)
         for p in read_prompts(
-            {"path": "pkg:pyrit/datasets/seed_datasets/local/adv_bench.prompt", "format": "seed_yaml"}
+            {
+                "path": "pkg:pyrit/datasets/seed_datasets/local/adv_bench.prompt",
+                "format": "seed_yaml",
+            }
         )
     }
     pair_prompts = {normalize(p.prompt) for p in read_harmful_pairs(PAIRS)}

@@ -85,6 +85,23 @@ def test_a_killed_trial_is_asked_again_with_its_values(tmp_path):
     rhos = {r["stage_config"]["finetune"]["module"]["rho"] for r in runs}
     assert rhos == {trials[0].params["defense.finetune.rho"], rho}
 
+    # a retry killed too is not asked a third time: the study moves on to new values
+    killed_again = study(sweep / "optuna.db").ask()
+    killed_again.suggest_float("defense.finetune.rho", 0.1, 10.0, log=True)
+    killed_again.set_user_attr("retry_of", 1)
+    third = run_tiny(tmp_path, *args, "hydra.sweeper.n_trials=3")
+    assert third.returncode == 0, third.stderr[-2000:]
+    trials = study(sweep / "optuna.db").trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "FAIL", "COMPLETE"]
+    assert "retry_of" not in trials[4].user_attrs and trials[4].params != killed_again.params
+
+    # the pick rule is the one the study started with
+    changed = run_tiny(
+        tmp_path, *args, "hydra.sweeper.n_trials=3", "hydra.sweeper.pick.within.finetune_accuracy=9"
+    )
+    assert changed.returncode == 1
+    assert "differs from the rule the study tune_panacea_rho started with" in changed.stderr
+
 
 def test_bad_search_space_is_refused_before_anything_is_written(tmp_path):
     experiments = tmp_path / "conf" / "experiment"
@@ -231,12 +248,18 @@ def test_the_pick_rule_against_hand_worked_trials():
     def rule(margin):
         return {"best": "harmful_score", "within": {"finetune_accuracy": margin}}
 
-    assert picked(trials, objectives, rule(5.0)) == 2  # FA >= 85: 0, 2, 4; HS 30 tie: earliest
+    # FA >= 85: trials 0, 2, 4; 2 and 4 tie on HS 30: the higher FA (4, which dominates 2)
+    assert picked(trials, objectives, rule(5.0)) == 4
+    twin = [*trials, (5, {"harmful_score": 30.0, "finetune_accuracy": 89.0})]
+    assert picked(twin, objectives, rule(5.0)) == 4  # a full tie: the earliest
     assert picked(trials, objectives, rule(6.0)) == 1  # FA >= 84 lets trial 1 in
     assert picked(trials, objectives, rule(0)) == 0  # only the best FA
     assert picked(trials, objectives, {"best": "harmful_score"}) == 3  # no margin: lowest HS
     assert picked(trials, objectives, {"best": "finetune_accuracy"}) == 0
     assert picked([], objectives, rule(5.0)) is None
+    # two margins, each from its own best: no trial is within both (HS <= 15 and FA >= 85)
+    both = {"best": "harmful_score", "within": {"finetune_accuracy": 5.0, "harmful_score": 5.0}}
+    assert picked(trials, objectives, both) is None
 
 
 def test_the_pick_rule_is_checked():
@@ -254,7 +277,16 @@ def test_the_pick_rule_is_checked():
         "hydra.sweeper.pick.best='hs' must be one of the objectives "
         "['harmful_score', 'finetune_accuracy']",
         "hydra.sweeper.pick.within: 'fa' is not an objective",
-        "hydra.sweeper.pick.within.fa=-1 must be a number >= 0",
-        "hydra.sweeper.pick.within.finetune_accuracy=True must be a number >= 0",
+        "hydra.sweeper.pick.within.fa=-1 must be a finite number >= 0",
+        "hydra.sweeper.pick.within.finetune_accuracy=True must be a finite number >= 0",
         "hydra.sweeper.pick: unknown keys ['margin'] (best, within)",
     ]
+    assert pick_problems("harmful_score", objectives) == [
+        "hydra.sweeper.pick='harmful_score' must be a mapping {best: M, within: {M2: margin}}"
+    ]
+    assert pick_problems(
+        {"best": "harmful_score", "within": ["finetune_accuracy"]}, objectives
+    ) == ["hydra.sweeper.pick.within=['finetune_accuracy'] must be a mapping {M2: margin}"]
+    assert pick_problems(
+        {"best": "harmful_score", "within": {"finetune_accuracy": float("nan")}}, objectives
+    ) == ["hydra.sweeper.pick.within.finetune_accuracy=nan must be a finite number >= 0"]
