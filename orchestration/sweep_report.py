@@ -344,6 +344,7 @@ def markdown(rows: list[dict], points: list[Point]) -> str:
         "",
         f"Repeats vary: {rows[0]['repeats_over'] or 'nothing (one run per cell)'}.",
         "",
+        *split_note(points),
         "| defense | " + " | ".join(f"p = {x}" for x in ratios) + " |",
         "|---|" + "---|" * len(ratios),
     ]
@@ -355,6 +356,20 @@ def markdown(rows: list[dict], points: list[Point]) -> str:
         lines += ["", "Failed points:", *errors]
     lines += compute_markdown(points)
     return "\n".join(lines) + "\n"
+
+
+def split_note(points: list[Point]) -> list[str]:
+    """A line saying so when finished points were evaluated on the validation split (tuning
+    runs): their scores are not the test split's."""
+    done = [p for p in points if p.status == "done"]
+    validation = sum(p.results.get("eval_split") == "validation" for p in done)
+    if not validation:
+        return []
+    return [
+        f"**Evaluated on the validation split** (the prompts and task examples a hyperparameter "
+        f"is tuned on, not the test split): {validation} of the {len(done)} finished points.",
+        "",
+    ]
 
 
 def error_bars(rows: list[dict], short: str) -> list[list[float]]:

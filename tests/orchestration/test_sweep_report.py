@@ -24,6 +24,7 @@ def write_point(
     ratio="0.2",
     seed_key="seed",
     seconds=None,
+    eval_split=None,
 ):
     folder = sweep / f"{defense}_p{ratio}_s{seed}"
     (folder / ".hydra").mkdir(parents=True)
@@ -68,6 +69,7 @@ def write_point(
             "judge": "refusal",
             "finetune_accuracy": fa,
             "n_task_eval": 4,
+            **({"eval_split": eval_split} if eval_split else {}),
         },
     )
     return hs, fa
@@ -244,3 +246,14 @@ def test_a_point_shows_its_latest_outcome(tmp_path):
     os.utime(folder / "results.json", ns=(stamp + 2 * 10**9, stamp + 2 * 10**9))  # rerun, done
     rows = report(sweep)
     assert (rows[0]["seeds_done"], rows[0]["failed"]) == (2, 0)
+
+
+def test_a_report_says_when_its_points_were_evaluated_on_the_validation_split(tmp_path):
+    sweep = tmp_path / "sweep"
+    write_point(sweep, "sft", 0, [True] * 5 + [False] * 5, [True] * 4, eval_split="test")
+    report(sweep)
+    assert "validation split" not in (sweep / "table.md").read_text()
+    write_point(sweep, "panacea", 0, [True] * 2 + [False] * 8, [True] * 4, eval_split="validation")
+    report(sweep)
+    assert "**Evaluated on the validation split**" in (sweep / "table.md").read_text()
+    assert "1 of the 2 finished points" in (sweep / "table.md").read_text()
