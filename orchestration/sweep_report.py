@@ -31,7 +31,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from evaluation.results import RESULTS, read_results
 from evaluation.statistics import DEFAULT_LEVEL, check_level, mcnemar_exact, mean_interval
-from orchestration.sweep import FAILED, GRIDS
+from orchestration.sweep import FAILED, GRIDS, NOT_IDENTITY
 from plumbing.errors import InputError
 from plumbing.figures import new_figure, save_figure, write_csv
 from plumbing.io import atomic_write_text, read_jsonl
@@ -83,6 +83,18 @@ def split(override: str) -> tuple[str, str]:
     return key, value
 
 
+def what_it_computes(overrides) -> dict[str, str]:
+    """A point's overrides less those of how it was run (checkpointing, cache_dir, logger, ...:
+    NOT_IDENTITY): a grid rerun with `checkpointing.every_n_steps=5` asks for the same points,
+    and Hydra rewrites the overrides.yaml of every point it passes with the new command's."""
+
+    def counts(key: str) -> bool:
+        bare = key.lstrip("+~")
+        return not any(bare == k or bare.startswith(f"{k}.") for k in NOT_IDENTITY)
+
+    return {k: v for k, v in (split(o) for o in overrides) if counts(k)}
+
+
 def expected_grid(sweep_dir: Path) -> list[dict[str, str]]:
     """Every point the sweep directory's multirun commands asked for, in the order first asked:
     the grids kept in .grids/ (one per distinct command, oldest first), then Hydra's
@@ -105,16 +117,15 @@ def grid_points(config: dict) -> list[dict[str, str]]:
     overrides = [f"{k}={v}" for k, v in params.items()] + list(config["hydra"]["overrides"]["task"])
     parsed = OverridesParser.create().parse_overrides(overrides)
     jobs = [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
-    return [dict(split(o) for o in job) for job in jobs]
+    return [what_it_computes(job) for job in jobs]
 
 
 def collect(sweep_dir: Path) -> list[Point]:
     """Every expected point with its status; points found on disk but not in the grid are added."""
     found: dict[frozenset, Path] = {}
     for overrides_file in sweep_dir.glob("*/.hydra/overrides.yaml"):
-        found[frozenset(yaml.safe_load(overrides_file.read_text()) or [])] = (
-            overrides_file.parent.parent
-        )
+        overrides = what_it_computes(yaml.safe_load(overrides_file.read_text()) or [])
+        found[frozenset(f"{k}={v}" for k, v in overrides.items())] = overrides_file.parent.parent
     grid = expected_grid(sweep_dir)
     keys = {frozenset(f"{k}={v}" for k, v in point.items()) for point in grid}
     grid += [dict(split(o) for o in key) for key in found if key not in keys]

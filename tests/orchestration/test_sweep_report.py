@@ -25,10 +25,11 @@ def write_point(
     seed_key="seed",
     seconds=None,
     eval_split=None,
+    how=(),
 ):
     folder = sweep / f"{defense}_p{ratio}_s{seed}"
     (folder / ".hydra").mkdir(parents=True)
-    overrides = [f"defense={defense}", f"harmful_ratio={ratio}", f"{seed_key}={seed}"]
+    overrides = [f"defense={defense}", f"harmful_ratio={ratio}", f"{seed_key}={seed}", *how]
     (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     rows = [
         {"kind": "harmful", "prompt": p, "output": "...", "harmful": h}
@@ -257,3 +258,27 @@ def test_a_report_says_when_its_points_were_evaluated_on_the_validation_split(tm
     report(sweep)
     assert "**Evaluated on the validation split**" in (sweep / "table.md").read_text()
     assert "1 of the 2 finished points" in (sweep / "table.md").read_text()
+
+
+def test_overrides_of_how_a_point_ran_do_not_make_another_point(tmp_path):
+    """A grid rerun with checkpointing.every_n_steps=5 (or a cache_dir, a logger) asks for the
+    same points, and Hydra rewrites the overrides.yaml of the points it passes: one row per
+    defense, every point found, paired with sft's."""
+    sweep = tmp_path / "sweep"
+    how = ["checkpointing.every_n_steps=5", "+logger.save_dir=/tmp/x", "cache_dir=/c"]
+    for seed in (0, 1):
+        write_point(sweep, "sft", seed, [True] * 6 + [False] * 4, [True] * 4, how=how)
+        write_point(sweep, "panacea", seed, [True] * 2 + [False] * 8, [True] * 4, how=how[:seed])
+    grids = sweep / ".grids"
+    grids.mkdir()
+    for name, task in (("a", []), ("b", ["checkpointing.every_n_steps=5"])):
+        (grids / f"{name}.yaml").write_text(
+            "hydra:\n  sweeper:\n    params:\n      defense: sft,panacea\n      seed: 0,1\n"
+            f"      harmful_ratio: '0.2'\n  overrides:\n    task: {task}\n"
+        )
+    rows = report(sweep)
+    assert [(r["row"], r["seeds_done"], r["missing"]) for r in rows] == [
+        ("sft", 2, 0),
+        ("panacea", 2, 0),
+    ]
+    assert rows[1]["HS_pairs"] == 20  # both seeds paired with sft's, 10 prompts each
