@@ -95,6 +95,11 @@ def what_it_computes(overrides) -> dict[str, str]:
     return {k: v for k, v in (split(o) for o in overrides) if counts(k)}
 
 
+def point_id(overrides: dict[str, str]) -> frozenset:
+    """A point's overrides as a hashable key, whatever their order."""
+    return frozenset(overrides.items())
+
+
 def expected_grid(sweep_dir: Path) -> list[dict[str, str]]:
     """Every point the sweep directory's multirun commands asked for, in the order first asked:
     the grids kept in .grids/ (one per distinct command, oldest first), then Hydra's
@@ -106,7 +111,7 @@ def expected_grid(sweep_dir: Path) -> list[dict[str, str]]:
     points: dict[frozenset, dict[str, str]] = {}
     for file in files:
         for point in grid_points(yaml.safe_load(file.read_text())):
-            points.setdefault(frozenset(point.items()), point)
+            points.setdefault(point_id(point), point)
     return list(points.values())
 
 
@@ -125,13 +130,13 @@ def collect(sweep_dir: Path) -> list[Point]:
     found: dict[frozenset, Path] = {}
     for overrides_file in sweep_dir.glob("*/.hydra/overrides.yaml"):
         overrides = what_it_computes(yaml.safe_load(overrides_file.read_text()) or [])
-        found[frozenset(f"{k}={v}" for k, v in overrides.items())] = overrides_file.parent.parent
+        found[point_id(overrides)] = overrides_file.parent.parent
     grid = expected_grid(sweep_dir)
-    keys = {frozenset(f"{k}={v}" for k, v in point.items()) for point in grid}
-    grid += [dict(split(o) for o in key) for key in found if key not in keys]
+    keys = {point_id(point) for point in grid}
+    grid += [dict(key) for key in found if key not in keys]
     points = []
     for overrides in grid:
-        folder = found.get(frozenset(f"{k}={v}" for k, v in overrides.items()))
+        folder = found.get(point_id(overrides))
         latest = None if folder is None else latest_outcome(folder)
         if latest == RESULTS:
             points.append(Point(overrides, "done", read_results(folder / RESULTS), folder=folder))
@@ -181,7 +186,7 @@ def paired_test(
     only_baseline = only_defense = pairs = 0
     for p in points:
         overrides = {**p.overrides, "defense": baseline}
-        partner = done.get(frozenset(f"{k}={v}" for k, v in overrides.items()))
+        partner = done.get(point_id(overrides))
         if partner is None or p.status != "done":
             continue
         mine, theirs = outcomes(p, short), outcomes(partner, short)
@@ -208,11 +213,7 @@ def summarize(
     """One row per (label, harmful_ratio), labels in the grid's order: mean, std and t interval
     over seeds, the paired test against the baseline defense, and the count of each status."""
     swept = swept_keys(points)
-    done = {
-        frozenset(f"{k}={v}" for k, v in p.overrides.items()): p
-        for p in points
-        if p.status == "done"
-    }
+    done = {point_id(p.overrides): p for p in points if p.status == "done"}
     cells: dict[tuple[str, str], list[Point]] = {}
     for p in points:
         ratio = p.overrides.get(COLUMN, str(p.results.get(COLUMN, "?")))
