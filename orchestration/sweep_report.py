@@ -18,7 +18,6 @@ directory by default).
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from evaluation.results import RESULTS, read_results
 from evaluation.statistics import DEFAULT_LEVEL, check_level, mcnemar_exact, mean_interval
+from orchestration.report_cli import report_parser
 from orchestration.sweep import FAILED, GRIDS, NOT_IDENTITY
 from plumbing.errors import InputError
 from plumbing.figures import new_figure, save_figure, write_csv
@@ -481,16 +481,7 @@ def check_baseline(baseline: str, points: list[Point], sweep_dir: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("sweep_dir", type=Path)
-    parser.add_argument(
-        "--out", type=Path, default=None, help="where to write (default: the sweep directory)"
-    )
-    parser.add_argument(
-        "--level", type=float, default=DEFAULT_LEVEL, help="interval level, in (0, 1)"
-    )
+    parser = report_parser(__doc__)
     parser.add_argument(
         "--baseline",
         default=None,

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from helpers.configs import run_tiny
+from orchestration import tuning_report
 
 
 def study(path):
@@ -211,6 +212,11 @@ def test_a_trial_with_repeats_is_the_mean_of_its_runs(tmp_path):
     assert trial.user_attrs["repeats"]["overrides"] == [["seed=0"], ["seed=1"]]
     summary = json.loads((sweep / "tuning.json").read_text())
     assert len(summary["trials"][0]["repeats"]["values"]) == 2
+    # the tuning report reads the real tuning.json: the trial's runs and their mean
+    rows = tuning_report.report(sweep, tmp_path / "report")
+    by_seed = sorted(runs, key=lambda r: r["seed"])  # the repeats' order: seed=0, seed=1
+    assert [r["harmful_score"]["values"] for r in rows] == [[r["harmful_score"] for r in by_seed]]
+    assert "Finished trials: 1 of 1." in (tmp_path / "report" / "tuning.md").read_text()
 
 
 def test_repeats_are_checked():

@@ -1,0 +1,244 @@
+"""A tuning study's trials as a table and a figure: each trial's values with their t interval
+over its repeats, the Pareto front and the picked trial, read from the tuning.json that
+`hydra/sweeper=optuna` (hydra_plugins/hfd_optuna_sweeper) writes.
+
+    python -m orchestration.tuning_report multirun/<sweep_name> [--out DIR] [--level 0.95]
+
+Writes tuning.md (the table, the pick rule and the compute), tuning.png (with one searched
+numeric value: each objective against it, every repeat a dot; with two objectives: their plane,
+the Pareto front marked) and a copy of tuning.json, to the sweep directory by default.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from evaluation.results import RESULTS, read_results
+from evaluation.statistics import DEFAULT_LEVEL, check_level, mean_interval
+from orchestration.report_cli import report_parser
+from plumbing.errors import InputError
+from plumbing.figures import new_figure, save_figure
+from plumbing.io import atomic_write_text
+
+TUNING = "tuning.json"
+SHORT = {"harmful_score": "HS", "finetune_accuracy": "FA"}  # the table's names for metrics
+
+
+def load_study(sweep_dir: Path) -> dict:
+    """tuning.json, checked to hold at least one finished trial (else one message, nothing
+    written)."""
+    path = Path(sweep_dir) / TUNING
+    if not path.is_file():
+        raise InputError(
+            f"no {TUNING} in {sweep_dir}: pass the sweep directory of a study run with "
+            "hydra/sweeper=optuna (e.g. multirun/tune_panacea_rho); the sweeper writes it when "
+            "the study stops"
+        )
+    study = json.loads(path.read_text())
+    if not any(t["state"] == "COMPLETE" for t in study["trials"]):
+        raise InputError(
+            f"no trial of the study in {sweep_dir} has finished: nothing to report yet; see its "
+            "points' failed.json, or run the study's command again"
+        )
+    return study
+
+
+def trial_rows(study: dict, level: float) -> list[dict]:
+    """One row per trial: its params, and per objective the mean (the study's value), the t
+    interval over its repeats and each repeat's value."""
+    objectives = list(study["objectives"])
+    front = {t["number"] for t in study["best"]}
+    picked = (study.get("picked") or {}).get("number")
+    rows = []
+    for trial in study["trials"]:
+        row = {"number": trial["number"], "params": trial["params"], "state": trial["state"]}
+        row["pareto"], row["picked"] = trial["number"] in front, trial["number"] == picked
+        per_repeat = (trial.get("repeats") or {}).get("values") or (
+            [trial["values"]] if trial["values"] else []
+        )
+        for i, metric in enumerate(objectives):
+            values = [repeat[i] for repeat in per_repeat]
+            row[metric] = {
+                "mean": trial["values"][i] if trial["values"] else None,
+                "interval": mean_interval(values, level) if values else None,
+                "values": values,
+            }
+        rows.append(row)
+    return sorted(rows, key=sort_key)
+
+
+def sort_key(row: dict):
+    """Finished trials first, by their searched values (numbers in order, then the rest as
+    text), then the trial number."""
+    values = tuple(
+        (0, v, "") if isinstance(v, int | float) else (1, 0, str(v)) for v in row["params"].values()
+    )
+    return (row["state"] != "COMPLETE", values, row["number"])
+
+
+def value_text(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def metric_text(cell: dict) -> str:
+    """`53.8 [41.2, 66.4] (59, 10, 44.5)`: the mean, its interval clipped to [0, 100] (metrics
+    are percentages), each repeat's value."""
+    if cell["mean"] is None:
+        return "–"
+    text = f"{cell['mean']:.1f}"
+    if cell["interval"] is not None:
+        low, high = max(cell["interval"][0], 0.0), min(cell["interval"][1], 100.0)
+        text += f" [{low:.1f}, {high:.1f}]"
+    if len(cell["values"]) > 1:
+        text += " (" + ", ".join(f"{v:g}" for v in cell["values"]) + ")"
+    return text
+
+
+def stage_hours(sweep_dir: Path) -> tuple[int, float]:
+    """The study's finished points and their stage time in hours (their results' `seconds`)."""
+    found = [read_results(p) for p in Path(sweep_dir).glob(f"*/{RESULTS}")]
+    return len(found), sum(sum(r.get("seconds", {}).values()) for r in found) / 3600
+
+
+def markdown(study: dict, rows: list[dict], level: float, sweep_dir: Path) -> str:
+    objectives = study["objectives"]
+    params = list(dict.fromkeys(k for r in rows for k in r["params"]))
+    finished = sum(r["state"] == "COMPLETE" for r in rows)
+    n_points, hours = stage_hours(sweep_dir)
+    lines = [
+        f"# Tuning study `{study['study_name']}`",
+        "",
+        f"Finished trials: {finished} of {len(rows)}. Objectives: "
+        + ", ".join(f"{SHORT.get(m, m)} ({m}, {d})" for m, d in objectives.items())
+        + f". Each value: the mean over the trial's repeats, its {100 * level:g}% t interval "
+        "over them and each repeat's value in parentheses. Pareto: on the study's Pareto front.",
+        "",
+    ]
+    if "pick" in study:
+        picked = study.get("picked")
+        lines += [
+            f"Pick rule, fixed before the study ran: `{json.dumps(study['pick'])}`. Picked: "
+            + (
+                "none (no trial within every margin)"
+                if picked is None
+                else f"trial {picked['number']}, "
+                + ", ".join(f"`{k}={v!r}`" for k, v in picked["params"].items())
+            )
+            + ".",
+            "",
+        ]
+    header = ["trial", *params, *(SHORT.get(m, m) for m in objectives), ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        marks = ["picked"] * row["picked"] + ["Pareto"] * row["pareto"]
+        if row["state"] != "COMPLETE":
+            marks.append(row["state"].lower())
+        cells = [
+            str(row["number"]),
+            *(value_text(row["params"].get(k, "–")) for k in params),
+            *(metric_text(row[m]) for m in objectives),
+            ", ".join(marks),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Compute: {n_points} finished points, {hours:.2f} h of stage time, the sum of their "
+        "results' `seconds` (stages found in the stage cache are not counted).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def log_scale(sweep_dir: Path, param: str) -> bool:
+    """Whether the study searched `param` on a log scale (its search space in multirun.yaml)."""
+    path = Path(sweep_dir) / "multirun.yaml"
+    if not path.is_file():
+        return False
+    space = (yaml.safe_load(path.read_text())["hydra"].get("sweeper") or {}).get("search_space")
+    return bool(((space or {}).get(param) or {}).get("log"))
+
+
+def plot(study: dict, rows: list[dict], out: Path, sweep_dir: Path) -> bool:
+    """tuning.png; False (no figure) when there is neither one numeric searched value nor a
+    plane of two objectives to draw."""
+    objectives = list(study["objectives"])
+    done = [r for r in rows if r["state"] == "COMPLETE"]
+    params = list(dict.fromkeys(k for r in done for k in r["params"]))
+    one_value = len(params) == 1 and all(
+        isinstance(r["params"][params[0]], int | float) for r in done
+    )
+    panels = (len(objectives) if one_value else 0) + (len(objectives) == 2)
+    if not panels:
+        return False
+    fig, axes = new_figure(width=4.0 * panels, height=3.5, ncols=panels)
+    axes = list(axes[0])
+    if one_value:
+        param = params[0]
+        for ax, metric in zip(axes, objectives, strict=False):
+            for r in done:
+                x = r["params"][param]
+                ax.scatter([x] * len(r[metric]["values"]), r[metric]["values"], s=10, c="0.6")
+                low, high = r[metric]["interval"] or (r[metric]["mean"],) * 2
+                ax.errorbar(
+                    x,
+                    r[metric]["mean"],
+                    yerr=[[r[metric]["mean"] - low], [high - r[metric]["mean"]]],
+                    fmt="*" if r["picked"] else "o",
+                    ms=12 if r["picked"] else 5,
+                    c="tab:red" if r["picked"] else "tab:blue",
+                    capsize=3,
+                )
+            if log_scale(sweep_dir, param):
+                ax.set_xscale("log")
+            ax.set(xlabel=param, ylabel=f"{SHORT.get(metric, metric)} (%)")
+            ax.set_title(f"{SHORT.get(metric, metric)} per trial (dots: repeats)", fontsize=9)
+    if len(objectives) == 2:
+        ax = axes[-1]
+        x_metric, y_metric = objectives[1], objectives[0]
+        for r in done:
+            ax.scatter(
+                r[x_metric]["mean"],
+                r[y_metric]["mean"],
+                marker="*" if r["picked"] else "o",
+                s=120 if r["picked"] else 30,
+                c="tab:red" if r["picked"] else "tab:blue" if r["pareto"] else "0.6",
+            )
+            ax.annotate(str(r["number"]), (r[x_metric]["mean"], r[y_metric]["mean"]), fontsize=7)
+        ax.set(
+            xlabel=f"{SHORT.get(x_metric, x_metric)} (%)",
+            ylabel=f"{SHORT.get(y_metric, y_metric)} (%)",
+        )
+        ax.set_title("trial means (blue: Pareto front, star: picked)", fontsize=9)
+    save_figure(fig, out / "tuning.png")
+    return True
+
+
+def report(sweep_dir: Path, out: Path | None = None, level: float = DEFAULT_LEVEL) -> list[dict]:
+    """Checks the level and the study before writing anything."""
+    check_level(level, key="--level")
+    sweep_dir = Path(sweep_dir)
+    study = load_study(sweep_dir)
+    out = Path(out or sweep_dir)
+    rows = trial_rows(study, level)
+    atomic_write_text(out / "tuning.md", markdown(study, rows, level, sweep_dir))
+    if not plot(study, rows, out, sweep_dir):
+        (out / "tuning.png").unlink(missing_ok=True)  # a stale figure would not match the table
+    if out.resolve() != sweep_dir.resolve():
+        shutil.copyfile(sweep_dir / TUNING, out / TUNING)
+    return rows
+
+
+def main() -> None:
+    args = report_parser(__doc__).parse_args()
+    try:
+        report(args.sweep_dir, args.out, args.level)
+    except InputError as err:
+        raise SystemExit(f"error: {err}") from None
+    print((Path(args.out or args.sweep_dir) / "tuning.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
