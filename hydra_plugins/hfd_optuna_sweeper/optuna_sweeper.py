@@ -11,11 +11,11 @@ continues it up to `n_trials` finished trials, and each trial's run directory is
 like any other (a trial whose point finished before is read back, not rerun); a trial killed
 with its sweep is asked again first with the same values, so its points resume. The objectives
 are results.json metrics, each with its direction (default: lowest HS, highest FA, a
-two-objective study whose Pareto front is written to <sweep>/tuning.json). With `repeats`
-(e.g. {seed: [0, 1, 2]}) a trial runs once per repeat and its values are the means over them:
-on a model whose HS moves by tens of points with the seed, a single run tunes to the noise.
-With `pick` (e.g. {best: harmful_score, within: {finetune_accuracy: 5}}) tuning.json also names
-the one trial a rule fixed before the study chooses (`picked`).
+two-objective study whose Pareto front is written to <sweep>/tuning.json after every trial).
+With `repeats` (e.g. {seed: [0, 1, 2]}) a trial runs once per repeat and its values are the
+means over them: on a model whose HS moves by tens of points with the seed, a single run
+tunes to the noise. With `pick` (e.g. {best: harmful_score, within: {finetune_accuracy: 5}})
+tuning.json also names the one trial a rule fixed before the study chooses (`picked`).
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from hydra.errors import CompactHydraException
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
+
+from plumbing.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 KINDS = ("float", "int", "categorical")
@@ -269,8 +271,9 @@ class OptunaSweeper(Sweeper):
             for i, trial in enumerate(trials):
                 jobs = returns[i * len(runs) : (i + 1) * len(runs)]
                 failed_in_a_row = 0 if self.tell(study, trial, jobs) else failed_in_a_row + 1
+            # after every batch: a study that runs for days is read while it runs, or killed
+            self.write_summary(study, sweep_dir / "tuning.json")
             if failed_in_a_row >= self.max_failures:
-                self.write_summary(study, sweep_dir / "tuning.json")
                 raise OptunaSearchError(
                     f"the last {failed_in_a_row} trials failed (hydra.sweeper.max_failures="
                     f"{self.max_failures}): the study stops. Their errors are in the failed.json "
@@ -342,7 +345,7 @@ class OptunaSweeper(Sweeper):
             number = picked(means, self.objectives, self.pick)
             summary["pick"] = self.pick
             summary["picked"] = None if number is None else row(study.trials[number])
-        path.write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(path, json.dumps(summary, indent=2) + "\n")
         log.info(
             "Optuna study %s: %d finished trials; best: %s%s",
             self.study_name,

@@ -297,3 +297,38 @@ def test_the_pick_rule_is_checked():
     assert pick_problems(
         {"best": "harmful_score", "within": {"finetune_accuracy": float("nan")}}, objectives
     ) == ["hydra.sweeper.pick.within.finetune_accuracy=nan must be a finite number >= 0"]
+
+
+def test_tuning_json_is_rewritten_after_every_trial(tmp_path):
+    """A study that runs for days can be read while it runs, and a killed one keeps what it
+    finished: tuning.json holds every trial told before the launch that was killed."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.hfd_optuna_sweeper.optuna_sweeper import OptunaSweeper
+
+    space = {"defense.finetune.rho": {"type": "float", "low": 0.1, "high": 10.0}}
+    objectives = {"harmful_score": "minimize", "finetune_accuracy": "maximize"}
+    sweeper = OptunaSweeper(space, objectives, 5, f"sqlite:///{tmp_path}/optuna.db", "tune")
+    sweeper.config = OmegaConf.create(
+        {"hydra": {"sweep": {"dir": str(tmp_path)}}, "defense": {"finetune": {"rho": 1.0}}}
+    )
+    sweeper.validate_batch_is_legal = lambda batch: None  # no Hydra config loader here
+    summary = tmp_path / "tuning.json"
+    seen = []
+
+    class Launcher:  # each launch finds the trials told so far; the third is killed
+        def launch(self, batch, initial_job_idx):
+            seen.append(len(json.loads(summary.read_text())["trials"]) if summary.exists() else 0)
+            if len(seen) == 3:
+                raise KeyboardInterrupt
+            return [
+                SimpleNamespace(return_value={"harmful_score": 50.0, "finetune_accuracy": 90.0})
+            ]
+
+    sweeper.launcher = Launcher()
+    with pytest.raises(KeyboardInterrupt):
+        sweeper.sweep([])
+    assert seen == [0, 1, 2]
+    assert [t["state"] for t in json.loads(summary.read_text())["trials"]] == ["COMPLETE"] * 2
