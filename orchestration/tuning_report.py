@@ -56,6 +56,7 @@ def trial_rows(study: dict, level: float) -> list[dict]:
     rows = []
     for trial in study["trials"]:
         row = {"number": trial["number"], "params": trial["params"], "state": trial["state"]}
+        row["retry_of"] = trial.get("retry_of")  # a killed trial's values, asked again
         row["pareto"], row["picked"] = trial["number"] in front, trial["number"] == picked
         per_repeat = (trial.get("repeats") or {}).get("values") or (
             [trial["values"]] if trial["values"] else []
@@ -137,6 +138,8 @@ def markdown(study: dict, rows: list[dict], level: float, sweep_dir: Path) -> st
         marks = ["picked"] * row["picked"] + ["Pareto"] * row["pareto"]
         if row["state"] != "COMPLETE":
             marks.append(row["state"].lower())
+        if row["retry_of"] is not None:
+            marks.append(f"retry of trial {row['retry_of']}")
         cells = [
             str(row["number"]),
             *(value_text(row["params"].get(k, "–")) for k in params),

@@ -330,6 +330,7 @@ class OptunaSweeper(Sweeper):
                 "values": t.values,
                 "state": t.state.name,
                 **({"repeats": t.user_attrs["repeats"]} if "repeats" in t.user_attrs else {}),
+                **({"retry_of": t.user_attrs["retry_of"]} if "retry_of" in t.user_attrs else {}),
             }
 
         complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))

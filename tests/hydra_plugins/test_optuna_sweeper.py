@@ -83,6 +83,7 @@ def test_a_killed_trial_is_asked_again_with_its_values(tmp_path):
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
     assert trials[2].params == {"defense.finetune.rho": rho}
     assert trials[2].user_attrs["retry_of"] == killed.number == 1
+    assert json.loads((sweep / "tuning.json").read_text())["trials"][2]["retry_of"] == 1
     runs = [json.loads(p.read_text()) for p in sweep.glob("*/results.json")]
     rhos = {r["stage_config"]["finetune"]["module"]["rho"] for r in runs}
     assert rhos == {trials[0].params["defense.finetune.rho"], rho}

@@ -45,14 +45,16 @@ def write_study(sweep, trials=TRIALS, failed=True, pick=RULE):
                 },
             )
         )
-    if failed:
-        study.add_trial(
-            optuna.trial.create_trial(
-                params={"defense.finetune.rho": 5.0},
-                distributions={"defense.finetune.rho": distribution},
-                state=optuna.trial.TrialState.FAIL,
+    if failed:  # killed, then asked again with its values (which failed this time)
+        for user_attrs in ({}, {"retry_of": len(study.trials)}):
+            study.add_trial(
+                optuna.trial.create_trial(
+                    params={"defense.finetune.rho": 5.0},
+                    distributions={"defense.finetune.rho": distribution},
+                    state=optuna.trial.TrialState.FAIL,
+                    user_attrs=user_attrs,
+                )
             )
-        )
     sweeper = OptunaSweeper(space, OBJECTIVES, 4, "sqlite:///x", "tune", pick=pick)
     sweep.mkdir(parents=True, exist_ok=True)
     sweeper.write_summary(study, sweep / "tuning.json")
@@ -73,7 +75,7 @@ def test_each_trial_with_its_interval_and_the_pick(tmp_path):
     write_study(sweep)
     rows = report(sweep, out)
     # finished trials in the order of rho, the failed one last
-    assert [r["params"]["defense.finetune.rho"] for r in rows] == [0.2, 1.0, 3.0, 9.0, 5.0]
+    assert [r["params"]["defense.finetune.rho"] for r in rows] == [0.2, 1.0, 3.0, 9.0, 5.0, 5.0]
     for row in rows[:4]:
         per_seed = TRIALS[row["params"]["defense.finetune.rho"]]
         for i, metric in enumerate(OBJECTIVES):
@@ -81,16 +83,17 @@ def test_each_trial_with_its_interval_and_the_pick(tmp_path):
             assert row[metric]["values"] == values
             assert row[metric]["mean"] == pytest.approx(statistics.fmean(values))
             assert row[metric]["interval"] == pytest.approx(t_interval(values))
-    assert [r["picked"] for r in rows] == [False, False, True, False, False]
+    assert [r["picked"] for r in rows] == [False, False, True, False, False, False]
     assert rows[-1]["state"] == "FAIL" and rows[-1]["harmful_score"]["mean"] is None
     table = (out / "tuning.md").read_text()
     low, high = t_interval([40.0, 50.0, 45.0])
     line = next(line for line in table.splitlines() if line.startswith("| 1 |"))  # rho = 3
     assert f"45.0 [{low:.1f}, {high:.1f}] (40, 50, 45)" in line and "picked" in line
     assert "| 4 | 5 | – | – | fail |" in table
+    assert "| 5 | 5 | – | – | fail, retry of trial 4 |" in table
     assert "Picked: trial 1, `defense.finetune.rho=3.0`" in table
     assert json.dumps(RULE) in table
-    assert "Finished trials: 4 of 5." in table
+    assert "Finished trials: 4 of 6." in table
     assert (out / "tuning.png").stat().st_size > 0
     assert json.loads((out / "tuning.json").read_text()) == json.loads(
         (sweep / "tuning.json").read_text()
