@@ -12,7 +12,6 @@ the Pareto front marked) and a copy of tuning.json, to the sweep directory by de
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import yaml
@@ -26,25 +25,29 @@ from plumbing.io import atomic_write_text
 
 TUNING = "tuning.json"
 SHORT = {"harmful_score": "HS", "finetune_accuracy": "FA"}  # the table's names for metrics
+# metrics that are percentages: their intervals are clipped to [0, 100] in the table and figure
+PERCENT = ("harmful_score", "harmful_score_plus", "finetune_accuracy", "task_refusal_rate")
 
 
-def load_study(sweep_dir: Path) -> dict:
-    """tuning.json, checked to hold at least one finished trial (else one message, nothing
-    written)."""
+def load_study(sweep_dir: Path) -> tuple[dict, str]:
+    """tuning.json and its text (the copy written is the one reported, though the sweeper
+    rewrites the file while a study runs), checked to hold at least one finished trial (else
+    one message, nothing written)."""
     path = Path(sweep_dir) / TUNING
     if not path.is_file():
         raise InputError(
             f"no {TUNING} in {sweep_dir}: pass the sweep directory of a study run with "
-            "hydra/sweeper=optuna (e.g. multirun/tune_panacea_rho); the sweeper writes it when "
-            "the study stops"
+            "hydra/sweeper=optuna (e.g. multirun/tune_panacea_rho); the sweeper writes it after "
+            "each batch of trials, so a study still in its first trials has none yet"
         )
-    study = json.loads(path.read_text())
+    text = path.read_text()
+    study = json.loads(text)
     if not any(t["state"] == "COMPLETE" for t in study["trials"]):
         raise InputError(
             f"no trial of the study in {sweep_dir} has finished: nothing to report yet; see its "
             "points' failed.json, or run the study's command again"
         )
-    return study
+    return study, text
 
 
 def trial_rows(study: dict, level: float) -> list[dict]:
@@ -82,17 +85,24 @@ def sort_key(row: dict):
 
 
 def value_text(value) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def metric_text(cell: dict) -> str:
-    """`53.8 [41.2, 66.4] (59, 10, 44.5)`: the mean, its interval clipped to [0, 100] (metrics
-    are percentages), each repeat's value."""
+def shown_interval(metric: str, interval: list[float]) -> list[float]:
+    """The interval as shown: clipped to [0, 100] for a percentage."""
+    if metric not in PERCENT:
+        return interval
+    return [max(interval[0], 0.0), min(interval[1], 100.0)]
+
+
+def metric_text(metric: str, cell: dict) -> str:
+    """`53.8 [41.2, 66.4] (59, 10, 44.5)`: the mean, its interval (clipped for a percentage),
+    each repeat's value."""
     if cell["mean"] is None:
         return "–"
     text = f"{cell['mean']:.1f}"
     if cell["interval"] is not None:
-        low, high = max(cell["interval"][0], 0.0), min(cell["interval"][1], 100.0)
+        low, high = shown_interval(metric, cell["interval"])
         text += f" [{low:.1f}, {high:.1f}]"
     if len(cell["values"]) > 1:
         text += " (" + ", ".join(f"{v:g}" for v in cell["values"]) + ")"
@@ -100,8 +110,14 @@ def metric_text(cell: dict) -> str:
 
 
 def stage_hours(sweep_dir: Path) -> tuple[int, float]:
-    """The study's finished points and their stage time in hours (their results' `seconds`)."""
-    found = [read_results(p) for p in Path(sweep_dir).glob(f"*/{RESULTS}")]
+    """The finished points in the sweep directory and their stage time in hours (their
+    results' `seconds`)."""
+    found = []
+    for path in Path(sweep_dir).glob(f"*/{RESULTS}"):
+        try:
+            found.append(read_results(path))
+        except ValueError as err:  # pydantic's ValidationError is one
+            raise InputError(f"{path} is not a valid results file: {err}") from None
     return len(found), sum(sum(r.get("seconds", {}).values()) for r in found) / 3600
 
 
@@ -116,7 +132,8 @@ def markdown(study: dict, rows: list[dict], level: float, sweep_dir: Path) -> st
         f"Finished trials: {finished} of {len(rows)}. Objectives: "
         + ", ".join(f"{SHORT.get(m, m)} ({m}, {d})" for m, d in objectives.items())
         + f". Each value: the mean over the trial's repeats, its {100 * level:g}% t interval "
-        "over them and each repeat's value in parentheses. Pareto: on the study's Pareto front.",
+        "over them (clipped to [0, 100] for a percentage) and each repeat's value in "
+        f"parentheses. {front_name(objectives)}: {front_meaning(objectives)}.",
         "",
     ]
     if "pick" in study:
@@ -135,7 +152,7 @@ def markdown(study: dict, rows: list[dict], level: float, sweep_dir: Path) -> st
     header = ["trial", *params, *(SHORT.get(m, m) for m in objectives), ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        marks = ["picked"] * row["picked"] + ["Pareto"] * row["pareto"]
+        marks = ["picked"] * row["picked"] + [front_name(objectives)] * row["pareto"]
         if row["state"] != "COMPLETE":
             marks.append(row["state"].lower())
         if row["retry_of"] is not None:
@@ -143,16 +160,27 @@ def markdown(study: dict, rows: list[dict], level: float, sweep_dir: Path) -> st
         cells = [
             str(row["number"]),
             *(value_text(row["params"].get(k, "–")) for k in params),
-            *(metric_text(row[m]) for m in objectives),
+            *(metric_text(m, row[m]) for m in objectives),
             ", ".join(marks),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"Compute: {n_points} finished points, {hours:.2f} h of stage time, the sum of their "
-        "results' `seconds` (stages found in the stage cache are not counted).",
+        f"Compute: the sweep directory's {n_points} finished points, {hours:.2f} h of stage "
+        "time, the sum of their results' `seconds` (stages found in the stage cache are not "
+        "counted).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def front_name(objectives: dict) -> str:
+    return "Pareto" if len(objectives) > 1 else "best"
+
+
+def front_meaning(objectives: dict) -> str:
+    if len(objectives) > 1:
+        return "on the study's Pareto front"
+    return "the study's best trial"
 
 
 def log_scale(sweep_dir: Path, param: str) -> bool:
@@ -184,7 +212,7 @@ def plot(study: dict, rows: list[dict], out: Path, sweep_dir: Path) -> bool:
             for r in done:
                 x = r["params"][param]
                 ax.scatter([x] * len(r[metric]["values"]), r[metric]["values"], s=10, c="0.6")
-                low, high = r[metric]["interval"] or (r[metric]["mean"],) * 2
+                low, high = shown_interval(metric, r[metric]["interval"] or [r[metric]["mean"]] * 2)
                 ax.errorbar(
                     x,
                     r[metric]["mean"],
@@ -223,14 +251,14 @@ def report(sweep_dir: Path, out: Path | None = None, level: float = DEFAULT_LEVE
     """Checks the level and the study before writing anything."""
     check_level(level, key="--level")
     sweep_dir = Path(sweep_dir)
-    study = load_study(sweep_dir)
+    study, text = load_study(sweep_dir)
     out = Path(out or sweep_dir)
     rows = trial_rows(study, level)
     atomic_write_text(out / "tuning.md", markdown(study, rows, level, sweep_dir))
     if not plot(study, rows, out, sweep_dir):
         (out / "tuning.png").unlink(missing_ok=True)  # a stale figure would not match the table
     if out.resolve() != sweep_dir.resolve():
-        shutil.copyfile(sweep_dir / TUNING, out / TUNING)
+        atomic_write_text(out / TUNING, text)
     return rows
 
 

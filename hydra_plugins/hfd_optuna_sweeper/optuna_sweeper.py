@@ -11,10 +11,10 @@ continues it up to `n_trials` finished trials, and each trial's run directory is
 like any other (a trial whose point finished before is read back, not rerun); a trial killed
 with its sweep is asked again first with the same values, so its points resume. The objectives
 are results.json metrics, each with its direction (default: lowest HS, highest FA, a
-two-objective study whose Pareto front is written to <sweep>/tuning.json after every trial).
-With `repeats` (e.g. {seed: [0, 1, 2]}) a trial runs once per repeat and its values are the
-means over them: on a model whose HS moves by tens of points with the seed, a single run
-tunes to the noise. With `pick` (e.g. {best: harmful_score, within: {finetune_accuracy: 5}})
+two-objective study whose Pareto front is written to <sweep>/tuning.json after every batch of
+trials). With `repeats` (e.g. {seed: [0, 1, 2]}) a trial runs once per repeat and its values
+are the means over them: on a model whose HS moves by tens of points with the seed, a single
+run tunes to the noise. With `pick` (e.g. {best: harmful_score, within: {finetune_accuracy: 5}})
 tuning.json also names the one trial a rule fixed before the study chooses (`picked`).
 """
 

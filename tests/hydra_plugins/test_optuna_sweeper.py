@@ -5,6 +5,7 @@ before anything is written."""
 import json
 
 import pytest
+from scipy import stats
 
 from helpers.configs import run_tiny
 from orchestration import tuning_report
@@ -213,10 +214,16 @@ def test_a_trial_with_repeats_is_the_mean_of_its_runs(tmp_path):
     assert trial.user_attrs["repeats"]["overrides"] == [["seed=0"], ["seed=1"]]
     summary = json.loads((sweep / "tuning.json").read_text())
     assert len(summary["trials"][0]["repeats"]["values"]) == 2
-    # the tuning report reads the real tuning.json: the trial's runs and their mean
+    # the tuning report reads the real tuning.json: the trial's runs, their mean and interval
     rows = tuning_report.report(sweep, tmp_path / "report")
     by_seed = sorted(runs, key=lambda r: r["seed"])  # the repeats' order: seed=0, seed=1
-    assert [r["harmful_score"]["values"] for r in rows] == [[r["harmful_score"] for r in by_seed]]
+    hs = [r["harmful_score"] for r in by_seed]
+    assert [r["harmful_score"]["values"] for r in rows] == [hs]
+    assert rows[0]["harmful_score"]["mean"] == pytest.approx(sum(hs) / 2)
+    half = stats.t.ppf(0.975, df=1) * abs(hs[0] - hs[1]) / 2  # t interval of 2 values
+    assert rows[0]["harmful_score"]["interval"] == pytest.approx(
+        [sum(hs) / 2 - half, sum(hs) / 2 + half]
+    )
     assert "Finished trials: 1 of 1." in (tmp_path / "report" / "tuning.md").read_text()
 
 

@@ -84,12 +84,17 @@ def test_each_trial_with_its_interval_and_the_pick(tmp_path):
             assert row[metric]["mean"] == pytest.approx(statistics.fmean(values))
             assert row[metric]["interval"] == pytest.approx(t_interval(values))
     assert [r["picked"] for r in rows] == [False, False, True, False, False, False]
+    # the Pareto front of (HS down, FA up): rho 1 (75, 97), 3 (45, 92), 9 (15, 60); rho 0.2
+    # (90, 97) is dominated by rho 1
+    assert [r["pareto"] for r in rows] == [False, True, True, True, False, False]
     assert rows[-1]["state"] == "FAIL" and rows[-1]["harmful_score"]["mean"] is None
     table = (out / "tuning.md").read_text()
     low, high = t_interval([40.0, 50.0, 45.0])
     line = next(line for line in table.splitlines() if line.startswith("| 1 |"))  # rho = 3
     assert f"45.0 [{low:.1f}, {high:.1f}] (40, 50, 45)" in line and "picked" in line
     assert "| 4 | 5 | – | – | fail |" in table
+    low, _ = t_interval([90.0, 85.0, 95.0])  # its high end, 102.4, is clipped: a percentage
+    assert f"| 2 | 0.2 | 90.0 [{low:.1f}, 100.0] (90, 85, 95) |" in table
     assert "| 5 | 5 | – | – | fail, retry of trial 4 |" in table
     assert "Picked: trial 1, `defense.finetune.rho=3.0`" in table
     assert json.dumps(RULE) in table
@@ -120,3 +125,36 @@ def test_bad_input_is_refused_and_nothing_is_written(tmp_path, monkeypatch, caps
             tuning_report.main()
         assert message in str(stop.value) and str(stop.value).startswith("error: ")
         assert not out.exists()
+
+
+def test_one_objective_and_a_categorical_value(tmp_path):
+    """No searched number and no plane of two objectives: no figure (a stale one is removed),
+    the best trial is called best, and a metric that is not a percentage is not clipped."""
+    import optuna
+
+    from hydra_plugins.hfd_optuna_sweeper.optuna_sweeper import OptunaSweeper
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    study = optuna.create_study(direction="minimize")
+    choice = optuna.distributions.CategoricalDistribution(["a", "b"])
+    for value, per_seed in (("b", [-5.0, 5.0]), ("a", [1.0, 3.0])):
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"defense.kind": value},
+                distributions={"defense.kind": choice},
+                values=[statistics.fmean(per_seed)],
+                user_attrs={"repeats": {"overrides": [], "values": [[v] for v in per_seed]}},
+            )
+        )
+    OptunaSweeper({}, {"loss": "minimize"}, 2, "sqlite:///x", "tune").write_summary(
+        study, sweep / "tuning.json"
+    )
+    (sweep / "tuning.png").write_bytes(b"stale")
+    rows = report(sweep)
+    assert [r["params"]["defense.kind"] for r in rows] == ["a", "b"]
+    assert not (sweep / "tuning.png").exists()
+    table = (sweep / "tuning.md").read_text()
+    low, high = t_interval([-5.0, 5.0])  # about [-63.5, 63.5]: not a percentage, not clipped
+    assert f"| 0 | b | 0.0 [{low:.1f}, {high:.1f}] (-5, 5) | best |" in table
+    assert "Pareto" not in table
