@@ -366,8 +366,41 @@ def markdown(rows: list[dict], points: list[Point]) -> str:
     errors = [f"- {r['row']}, p = {r[COLUMN]}: {r['errors']}" for r in rows if r["errors"]]
     if errors:
         lines += ["", "Failed points:", *errors]
+    lines += described_markdown(rows, labels, ratios)
     lines += compute_markdown(points)
     return "\n".join(lines) + "\n"
+
+
+def described_markdown(rows: list[dict], labels: list[str], ratios: list) -> list[str]:
+    """HS+ and the deployed model's task refusals per cell (mean, each seed's value): a low HS
+    can be empty or degenerate answers rather than refusals, which HS+ counts."""
+    lookup = {(r["row"], r[COLUMN]): r for r in rows}
+
+    def cell(row: dict | None) -> str:
+        if row is None or row["HS_plus_mean"] is None:
+            return "–"
+        text = f"HS+ {row['HS_plus_mean']:.1f} ({row['HS_plus_values'].replace(' ', ', ')})"
+        if row["task_refusal_mean"] is not None:
+            text += f" / task refusals {row['task_refusal_mean']:.1f}"
+        return text
+
+    lines = [
+        "",
+        "## Beyond HS",
+        "",
+        "HS+ (%): the harmful prompts answered harmfully or degenerately (empty or repetitive "
+        "answers, which HS counts as harmless), mean over seeds (each seed's value); task "
+        "refusals (%): the deployed model's refusals of task prompts, mean over seeds. "
+        "HS+ well above HS means a defense lowers HS by breaking answers, not by refusing.",
+        "",
+        "| defense | " + " | ".join(f"p = {x}" for x in ratios) + " |",
+        "|---|" + "---|" * len(ratios),
+    ]
+    for label in labels:
+        lines.append(
+            f"| {label} | " + " | ".join(cell(lookup.get((label, x))) for x in ratios) + " |"
+        )
+    return lines
 
 
 def split_note(points: list[Point]) -> list[str]:

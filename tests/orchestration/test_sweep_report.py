@@ -110,6 +110,9 @@ def test_intervals_over_seeds_and_mcnemar_against_sft(tmp_path):
 
     table = (sweep / "table.md").read_text()
     assert "p=0.0039**" in table and "(2 seeds < 3)" in table and "McNemar" in table
+    # HS+ beside HS: the seeds' HS + 10 (30, 40), and their task refusals (0, 5)
+    beyond = table.split("## Beyond HS")[1]
+    assert "| panacea | HS+ 35.0 (30, 40) / task refusals 2.5 |" in beyond
     csv = (sweep / "table.csv").read_text()
     assert "HS_ci_low" in csv and "HS_p_vs_sft" in csv
     for name in ("hs_vs_ratio", "fa_vs_ratio", "hs_fa_tradeoff"):
