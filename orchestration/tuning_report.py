@@ -27,6 +27,9 @@ TUNING = "tuning.json"
 SHORT = {"harmful_score": "HS", "finetune_accuracy": "FA"}  # the table's names for metrics
 # metrics that are percentages: their intervals are clipped to [0, 100] in the table and figure
 PERCENT = ("harmful_score", "harmful_score_plus", "finetune_accuracy", "task_refusal_rate")
+# shown beside the objectives, read from each repeat's results.json: HS counts empty answers as
+# harmless and HS+ counts them, so a trial whose low HS is broken answers shows here
+DESCRIBED = {"harmful_score_plus": "HS+"}
 
 
 def load_study(sweep_dir: Path) -> tuple[dict, str]:
@@ -50,9 +53,40 @@ def load_study(sweep_dir: Path) -> tuple[dict, str]:
     return study, text
 
 
-def trial_rows(study: dict, level: float) -> list[dict]:
+def finished_points(sweep_dir: Path) -> list[tuple[dict[str, str], dict]]:
+    """Every finished point in the sweep directory: its command-line overrides and results."""
+    points = []
+    for path in Path(sweep_dir).glob(f"*/{RESULTS}"):
+        overrides_file = path.parent / ".hydra" / "overrides.yaml"
+        if not overrides_file.is_file():
+            continue
+        try:
+            results = read_results(path)
+        except ValueError as err:  # pydantic's ValidationError is one
+            raise InputError(f"{path} is not a valid results file: {err}") from None
+        pairs = (o.partition("=") for o in yaml.safe_load(overrides_file.read_text()) or [])
+        points.append(({k: v for k, _, v in pairs}, results))
+    return points
+
+
+def repeat_results(trial: dict, points: list) -> list[dict | None]:
+    """The results of each of the trial's runs, in its repeats' order (None where no single
+    point matches): a point whose overrides hold the trial's values (as the sweeper writes
+    them, `key=value`) and the repeat's own overrides."""
+    repeats = (trial.get("repeats") or {}).get("overrides") or [[]]
+    found = []
+    for repeat in repeats:
+        wanted = {k: str(v) for k, v in trial["params"].items()}
+        wanted.update(o.partition("=")[::2] for o in repeat)
+        matches = [r for o, r in points if all(o.get(k) == v for k, v in wanted.items())]
+        found.append(matches[0] if len(matches) == 1 else None)
+    return found
+
+
+def trial_rows(study: dict, level: float, points: list | None = None) -> list[dict]:
     """One row per trial: its params, and per objective the mean (the study's value), the t
-    interval over its repeats and each repeat's value."""
+    interval over its repeats and each repeat's value; per described metric (HS+), its
+    repeats' values from their results.json."""
     objectives = list(study["objectives"])
     front = {t["number"] for t in study["best"]}
     picked = (study.get("picked") or {}).get("number")
@@ -70,6 +104,15 @@ def trial_rows(study: dict, level: float) -> list[dict]:
                 "mean": trial["values"][i] if trial["values"] else None,
                 "interval": mean_interval(values, level) if values else None,
                 "values": values,
+            }
+        runs = repeat_results(trial, points or []) if trial["state"] == "COMPLETE" else []
+        for metric in DESCRIBED:
+            values = [r[metric] for r in runs if r is not None and r.get(metric) is not None]
+            complete = bool(runs) and len(values) == len(runs)  # every run found, or nothing
+            row[metric] = {
+                "mean": sum(values) / len(values) if complete else None,
+                "interval": mean_interval(values, level) if complete else None,
+                "values": values if complete else [],
             }
         rows.append(row)
     return sorted(rows, key=sort_key)
@@ -109,23 +152,11 @@ def metric_text(metric: str, cell: dict) -> str:
     return text
 
 
-def stage_hours(sweep_dir: Path) -> tuple[int, float]:
-    """The finished points in the sweep directory and their stage time in hours (their
-    results' `seconds`)."""
-    found = []
-    for path in Path(sweep_dir).glob(f"*/{RESULTS}"):
-        try:
-            found.append(read_results(path))
-        except ValueError as err:  # pydantic's ValidationError is one
-            raise InputError(f"{path} is not a valid results file: {err}") from None
-    return len(found), sum(sum(r.get("seconds", {}).values()) for r in found) / 3600
-
-
-def markdown(study: dict, rows: list[dict], level: float, sweep_dir: Path) -> str:
+def markdown(study: dict, rows: list[dict], level: float, points: list) -> str:
     objectives = study["objectives"]
     params = list(dict.fromkeys(k for r in rows for k in r["params"]))
     finished = sum(r["state"] == "COMPLETE" for r in rows)
-    n_points, hours = stage_hours(sweep_dir)
+    hours = sum(sum(r.get("seconds", {}).values()) for _, r in points) / 3600
     lines = [
         f"# Tuning study `{study['study_name']}`",
         "",
@@ -133,7 +164,11 @@ def markdown(study: dict, rows: list[dict], level: float, sweep_dir: Path) -> st
         + ", ".join(f"{SHORT.get(m, m)} ({m}, {d})" for m, d in objectives.items())
         + f". Each value: the mean over the trial's repeats, its {100 * level:g}% t interval "
         "over them (clipped to [0, 100] for a percentage) and each repeat's value in "
-        f"parentheses. {front_name(objectives)}: {front_meaning(objectives)}.",
+        f"parentheses. {front_name(objectives)}: {front_meaning(objectives)}. "
+        + ", ".join(DESCRIBED.values())
+        + " (described, not an objective: read from the runs' results.json): HS counts empty "
+        "and repetitive answers as harmless and HS+ counts them, so HS+ well above HS means "
+        "the trial lowers HS by breaking answers, not by refusing.",
         "",
     ]
     if "pick" in study:
@@ -149,7 +184,14 @@ def markdown(study: dict, rows: list[dict], level: float, sweep_dir: Path) -> st
             + ".",
             "",
         ]
-    header = ["trial", *params, *(SHORT.get(m, m) for m in objectives), ""]
+    described = [m for m in DESCRIBED if m not in objectives]
+    header = [
+        "trial",
+        *params,
+        *(SHORT.get(m, m) for m in objectives),
+        *(DESCRIBED[m] for m in described),
+        "",
+    ]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         marks = ["picked"] * row["picked"] + [front_name(objectives)] * row["pareto"]
@@ -161,12 +203,13 @@ def markdown(study: dict, rows: list[dict], level: float, sweep_dir: Path) -> st
             str(row["number"]),
             *(value_text(row["params"].get(k, "–")) for k in params),
             *(metric_text(m, row[m]) for m in objectives),
+            *(metric_text(m, row[m]) for m in described),
             ", ".join(marks),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        f"Compute: the sweep directory's {n_points} finished points, {hours:.2f} h of stage "
+        f"Compute: the sweep directory's {len(points)} finished points, {hours:.2f} h of stage "
         "time, the sum of their results' `seconds` (stages found in the stage cache are not "
         "counted).",
     ]
@@ -253,8 +296,9 @@ def report(sweep_dir: Path, out: Path | None = None, level: float = DEFAULT_LEVE
     sweep_dir = Path(sweep_dir)
     study, text = load_study(sweep_dir)
     out = Path(out or sweep_dir)
-    rows = trial_rows(study, level)
-    atomic_write_text(out / "tuning.md", markdown(study, rows, level, sweep_dir))
+    points = finished_points(sweep_dir)
+    rows = trial_rows(study, level, points)
+    atomic_write_text(out / "tuning.md", markdown(study, rows, level, points))
     if not plot(study, rows, out, sweep_dir):
         (out / "tuning.png").unlink(missing_ok=True)  # a stale figure would not match the table
     if out.resolve() != sweep_dir.resolve():

@@ -219,6 +219,8 @@ def test_a_trial_with_repeats_is_the_mean_of_its_runs(tmp_path):
     by_seed = sorted(runs, key=lambda r: r["seed"])  # the repeats' order: seed=0, seed=1
     hs = [r["harmful_score"] for r in by_seed]
     assert [r["harmful_score"]["values"] for r in rows] == [hs]
+    # HS+ found in the trial's own run directories, as the sweeper named them
+    assert rows[0]["harmful_score_plus"]["values"] == [r["harmful_score_plus"] for r in by_seed]
     assert rows[0]["harmful_score"]["mean"] == pytest.approx(sum(hs) / 2)
     half = stats.t.ppf(0.975, df=1) * abs(hs[0] - hs[1]) / 2  # t interval of 2 values
     assert rows[0]["harmful_score"]["interval"] == pytest.approx(

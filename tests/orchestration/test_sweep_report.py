@@ -7,8 +7,8 @@ import statistics
 import pytest
 import yaml
 
-from evaluation.results import write_results
 from evaluation.statistics import mcnemar_exact, mean_interval
+from helpers.results import write_point as write_results_point
 from orchestration.sweep_report import report
 
 PROMPTS = [f"harmful prompt {i}" for i in range(10)]
@@ -28,9 +28,21 @@ def write_point(
     how=(),
 ):
     folder = sweep / f"{defense}_p{ratio}_s{seed}"
-    (folder / ".hydra").mkdir(parents=True)
     overrides = [f"defense={defense}", f"harmful_ratio={ratio}", f"{seed_key}={seed}", *how]
-    (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    hs, fa = 100 * sum(harmful) / len(harmful), 100 * sum(correct) / len(correct)
+    write_results_point(
+        folder,
+        overrides,
+        defense=defense,
+        harmful_ratio=float(ratio),
+        seed=seed,
+        seconds=seconds or {},
+        harmful_score=hs,
+        harmful_score_plus=hs + 10,
+        task_refusal_rate=5.0 * seed,
+        finetune_accuracy=fa,
+        **({"eval_split": eval_split} if eval_split else {}),
+    )
     rows = [
         {"kind": "harmful", "prompt": p, "output": "...", "harmful": h}
         for p, h in zip(PROMPTS, harmful)
@@ -40,39 +52,6 @@ def write_point(
         for p, c in zip(TASK, correct)
     ]
     (folder / "generations_deployed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    hs, fa = 100 * sum(harmful) / len(harmful), 100 * sum(correct) / len(correct)
-    write_results(
-        folder / "results.json",
-        {
-            "defense": defense,
-            "defense_parts": {"align": "A", "finetune": "F", "post": None},
-            "harmful_ratio": float(ratio),
-            "seed": seed,
-            "model": "tiny",
-            "task": "sentiment",
-            "stages": ["align", "finetune", "post", "eval"],
-            "checkpoint": None,
-            "n": 20,
-            "n_harmful": 4,
-            "n_benign": 16,
-            "n_align": 16,
-            "n_retain": 4,
-            "n_defender": 100,
-            "n_user_harmful_pool": 77,
-            "seconds": seconds or {},
-            "run_dir": str(folder),
-            "point_key": "k",
-            "processes": 1,
-            "harmful_score": hs,
-            "harmful_score_plus": hs + 10,
-            "task_refusal_rate": 5.0 * seed,
-            "n_eval_prompts": 10,
-            "judge": "refusal",
-            "finetune_accuracy": fa,
-            "n_task_eval": 4,
-            **({"eval_split": eval_split} if eval_split else {}),
-        },
-    )
     return hs, fa
 
 

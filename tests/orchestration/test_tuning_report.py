@@ -10,6 +10,7 @@ import sys
 import pytest
 from scipy import stats
 
+from helpers.results import write_point
 from orchestration.tuning_report import report
 
 OBJECTIVES = {"harmful_score": "minimize", "finetune_accuracy": "maximize"}
@@ -73,6 +74,13 @@ def t_interval(values, level=0.95):
 def test_each_trial_with_its_interval_and_the_pick(tmp_path):
     sweep, out = tmp_path / "sweep", tmp_path / "docs"
     write_study(sweep)
+    # rho = 3's runs, as the sweeper names them (HS+ read from their results.json), a run of
+    # another rho, and rho = 1 with one run missing (its HS+: none rather than a partial mean)
+    for seed, hs_plus in zip((3, 4, 5), (70.0, 80.0, 90.0)):
+        overrides = ["experiment=tune", "defense.finetune.rho=3.0", f"seed={seed}"]
+        write_point(sweep / f"rho3_s{seed}", overrides, seed=seed, harmful_score_plus=hs_plus)
+    write_point(sweep / "rho9_s3", ["defense.finetune.rho=9.0", "seed=3"], harmful_score_plus=5.0)
+    write_point(sweep / "rho1_s3", ["defense.finetune.rho=1.0", "seed=3"], harmful_score_plus=5.0)
     rows = report(sweep, out)
     # finished trials in the order of rho, the failed one last
     assert [r["params"]["defense.finetune.rho"] for r in rows] == [0.2, 1.0, 3.0, 9.0, 5.0, 5.0]
@@ -92,10 +100,14 @@ def test_each_trial_with_its_interval_and_the_pick(tmp_path):
     low, high = t_interval([40.0, 50.0, 45.0])
     line = next(line for line in table.splitlines() if line.startswith("| 1 |"))  # rho = 3
     assert f"45.0 [{low:.1f}, {high:.1f}] (40, 50, 45)" in line and "picked" in line
-    assert "| 4 | 5 | – | – | fail |" in table
+    low, high = t_interval([70.0, 80.0, 90.0])  # HS+ is a percentage: high (104.8) clipped
+    assert high > 100 and f"| 80.0 [{low:.1f}, 100.0] (70, 80, 90) | picked, Pareto |" in line
+    assert rows[1]["harmful_score_plus"]["values"] == []  # rho = 1: seeds 4 and 5 not found
+    assert "| 0 | 1 | " in table and "| – | Pareto |" in table
+    assert "| 4 | 5 | – | – | – | fail |" in table
     low, _ = t_interval([90.0, 85.0, 95.0])  # its high end, 102.4, is clipped: a percentage
     assert f"| 2 | 0.2 | 90.0 [{low:.1f}, 100.0] (90, 85, 95) |" in table
-    assert "| 5 | 5 | – | – | fail, retry of trial 4 |" in table
+    assert "| 5 | 5 | – | – | – | fail, retry of trial 4 |" in table
     assert "Picked: trial 1, `defense.finetune.rho=3.0`" in table
     assert json.dumps(RULE) in table
     assert "Finished trials: 4 of 6." in table
@@ -156,5 +168,5 @@ def test_one_objective_and_a_categorical_value(tmp_path):
     assert not (sweep / "tuning.png").exists()
     table = (sweep / "tuning.md").read_text()
     low, high = t_interval([-5.0, 5.0])  # about [-63.5, 63.5]: not a percentage, not clipped
-    assert f"| 0 | b | 0.0 [{low:.1f}, {high:.1f}] (-5, 5) | best |" in table
+    assert f"| 0 | b | 0.0 [{low:.1f}, {high:.1f}] (-5, 5) | – | best |" in table
     assert "Pareto" not in table
