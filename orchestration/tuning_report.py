@@ -148,7 +148,7 @@ def metric_text(metric: str, cell: dict) -> str:
         low, high = shown_interval(metric, cell["interval"])
         text += f" [{low:.1f}, {high:.1f}]"
     if len(cell["values"]) > 1:
-        text += " (" + ", ".join(f"{v:g}" for v in cell["values"]) + ")"
+        text += " (" + ", ".join(f"{v:.3g}" for v in cell["values"]) + ")"
     return text
 
 
