@@ -32,7 +32,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import CompactHydraException
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from plumbing.io import atomic_write_text
 
@@ -87,6 +87,35 @@ def search_space_problems(space: dict, config: DictConfig, objectives: dict) -> 
             )
     if not objectives:
         problems.append("hydra.sweeper.objectives is empty: e.g. {harmful_score: minimize}")
+    return problems
+
+
+def trial_config_problems(config: DictConfig, space: dict) -> list[str]:
+    """The checks run.py makes before any model loads (orchestration/validation.py), on the
+    config every trial runs: at the config's own values, then at each end of every searched
+    range (each choice of a categorical). A bad fixed override, or a range the defense refuses,
+    stops the study before it starts instead of failing `max_failures` trials first. (Checks
+    that need the data, such as the evaluation split's size, still fail their trial.)"""
+    from orchestration.validation import config_problems
+
+    def problems_at(values: dict) -> list[str]:
+        trial = OmegaConf.create(OmegaConf.to_container(config, resolve=False))
+        with open_dict(trial):
+            trial.pop("hydra", None)  # Hydra's own node: not the run's config
+        for key, value in values.items():
+            OmegaConf.update(trial, key, value, merge=False)
+        return config_problems(trial)
+
+    shared = problems_at({})
+    problems = list(shared)
+    for key, spec in space.items():
+        ends = spec["choices"] if spec["type"] == "categorical" else (spec["low"], spec["high"])
+        for value in ends:
+            problems += [
+                f"with {key}={value} (searched): {problem}"
+                for problem in problems_at({key: value})
+                if problem not in shared
+            ]
     return problems
 
 
@@ -232,6 +261,8 @@ class OptunaSweeper(Sweeper):
         problems += search_space_problems(self.search_space, self.config, self.objectives)
         problems += repeats_problems(self.repeats, self.search_space, self.config)
         problems += pick_problems(self.pick, self.objectives)
+        if not problems:  # the space is sound: check what its trials would run
+            problems += trial_config_problems(self.config, self.search_space)
         if problems:  # before the study or any run directory exists
             raise OptunaSearchError("invalid Optuna search:\n  - " + "\n  - ".join(problems))
         fixed = self.fixed_overrides(list(arguments))

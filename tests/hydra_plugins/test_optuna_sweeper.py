@@ -7,7 +7,7 @@ import json
 import pytest
 from scipy import stats
 
-from helpers.configs import run_tiny
+from helpers.configs import compose_cfg, run_tiny
 from orchestration import tuning_report
 
 
@@ -137,6 +137,36 @@ def test_bad_search_space_is_refused_before_anything_is_written(tmp_path):
     assert not sweep.exists() and not (tmp_path / "cache").exists()
 
 
+def test_a_config_no_trial_could_run_stops_the_study_before_it_starts(tmp_path):
+    """run.py's own checks, on the config every trial runs and at each end of the searched range:
+    one message and nothing written, instead of max_failures failed trials."""
+    experiments = tmp_path / "conf" / "experiment"
+    experiments.mkdir(parents=True)
+    (experiments / "negative_rho.yaml").write_text(
+        "# @package _global_\n"
+        "defaults:\n  - tune_panacea_rho\n"
+        "hydra:\n  sweeper:\n    search_space:\n"
+        "      defense.finetune.rho: {type: float, low: -1.0, high: 1.0}\n"
+    )
+    sweep = tmp_path / "sweep"
+    result = run_tiny(
+        tmp_path,
+        "-m",
+        "experiment=negative_rho",
+        "harmful_ratio=2",
+        f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert result.returncode == 1
+    assert "harmful_ratio=2 must be a number in [0, 1]" in result.stderr
+    assert (
+        "with defense.finetune.rho=-1.0 (searched): defense.finetune.rho=-1.0 must be a number >= 0"
+        in result.stderr
+    )
+    assert "Traceback" not in result.stderr
+    assert not sweep.exists() and not (tmp_path / "cache").exists()
+
+
 def test_search_space_problems_name_each_bad_entry():
     from omegaconf import OmegaConf
 
@@ -164,14 +194,16 @@ def test_search_space_problems_name_each_bad_entry():
 
 @pytest.mark.e2e
 def test_a_study_whose_trials_all_fail_stops(tmp_path):
-    """A bad fixed override fails every trial (each point records it): the study stops after
-    max_failures of them instead of asking for trials forever."""
+    """A bad fixed override that only the run can check fails every trial (each point records
+    it): the study stops after max_failures of them instead of asking for trials forever. Here
+    an unknown evaluation split, which the run checks against the data (the config checks made
+    before the study do not)."""
     sweep = tmp_path / "sweep"
     result = run_tiny(
         tmp_path,
         "-m",
         "experiment=tune_panacea_rho",
-        "harmful_ratio=1.5",
+        "eval.datamodule.split=valid",
         "hydra.sweeper.max_failures=2",
         "hydra.sweeper.repeats=null",
         f"hydra.sweep.dir={sweep}",
@@ -314,16 +346,16 @@ def test_tuning_json_is_rewritten_after_every_trial(tmp_path):
     finished: tuning.json holds every trial told before the launch that was killed."""
     from types import SimpleNamespace
 
-    from omegaconf import OmegaConf
+    from omegaconf import open_dict
 
     from hydra_plugins.hfd_optuna_sweeper.optuna_sweeper import OptunaSweeper
 
     space = {"defense.finetune.rho": {"type": "float", "low": 0.1, "high": 10.0}}
     objectives = {"harmful_score": "minimize", "finetune_accuracy": "maximize"}
     sweeper = OptunaSweeper(space, objectives, 5, f"sqlite:///{tmp_path}/optuna.db", "tune")
-    sweeper.config = OmegaConf.create(
-        {"hydra": {"sweep": {"dir": str(tmp_path)}}, "defense": {"finetune": {"rho": 1.0}}}
-    )
+    sweeper.config = compose_cfg(tmp_path, "experiment=tune_panacea_rho")
+    with open_dict(sweeper.config):
+        sweeper.config.hydra = {"sweep": {"dir": str(tmp_path)}}
     sweeper.validate_batch_is_legal = lambda batch: None  # no Hydra config loader here
     summary = tmp_path / "tuning.json"
     seen = []
