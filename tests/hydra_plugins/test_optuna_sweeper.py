@@ -107,24 +107,32 @@ def test_a_killed_trial_is_asked_again_with_its_values(tmp_path):
     assert "differs from the rule the study tune_panacea_rho started with" in changed.stderr
 
 
-def test_bad_search_space_is_refused_before_anything_is_written(tmp_path):
+def run_tuning_variant(tmp_path, sweeper_yaml: str, *overrides: str):
+    """`run.py -m` of an experiment file written here: tune_panacea_rho with `sweeper_yaml`
+    (lines under hydra.sweeper) on top."""
     experiments = tmp_path / "conf" / "experiment"
     experiments.mkdir(parents=True)
-    (experiments / "bad_tune.yaml").write_text(
-        "# @package _global_\n"
-        "defaults:\n  - tune_panacea_rho\n"
-        "hydra:\n  sweeper:\n    search_space:\n"
-        "      defense.finetune.rh: {type: float, low: 0.1, high: 1.0}\n"
-        "      defense.finetune.lam: {type: uniform, low: 0.1, high: 1.0}\n"
-        "    pick: {best: hs}\n"
+    (experiments / "variant.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - tune_panacea_rho\nhydra:\n  sweeper:\n" + sweeper_yaml
     )
-    sweep = tmp_path / "sweep"
-    result = run_tiny(
+    return run_tiny(
         tmp_path,
         "-m",
-        "experiment=bad_tune",
+        "experiment=variant",
+        *overrides,
         f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
-        f"hydra.sweep.dir={sweep}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )
+
+
+def test_bad_search_space_is_refused_before_anything_is_written(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_tuning_variant(
+        tmp_path,
+        "    search_space:\n"
+        "      defense.finetune.rh: {type: float, low: 0.1, high: 1.0}\n"
+        "      defense.finetune.lam: {type: uniform, low: 0.1, high: 1.0}\n"
+        "    pick: {best: hs}\n",
     )
     assert result.returncode == 1
     assert (
@@ -140,22 +148,11 @@ def test_bad_search_space_is_refused_before_anything_is_written(tmp_path):
 def test_a_config_no_trial_could_run_stops_the_study_before_it_starts(tmp_path):
     """run.py's own checks, on the config every trial runs and at each end of the searched range:
     one message and nothing written, instead of max_failures failed trials."""
-    experiments = tmp_path / "conf" / "experiment"
-    experiments.mkdir(parents=True)
-    (experiments / "negative_rho.yaml").write_text(
-        "# @package _global_\n"
-        "defaults:\n  - tune_panacea_rho\n"
-        "hydra:\n  sweeper:\n    search_space:\n"
-        "      defense.finetune.rho: {type: float, low: -1.0, high: 1.0}\n"
-    )
     sweep = tmp_path / "sweep"
-    result = run_tiny(
+    result = run_tuning_variant(
         tmp_path,
-        "-m",
-        "experiment=negative_rho",
+        "    search_space:\n      defense.finetune.rho: {type: float, low: -1.0, high: 1.0}\n",
         "harmful_ratio=2",
-        f"hydra.searchpath=[file://{tmp_path / 'conf'}]",
-        f"hydra.sweep.dir={sweep}",
     )
     assert result.returncode == 1
     assert "harmful_ratio=2 must be a number in [0, 1]" in result.stderr
