@@ -69,18 +69,33 @@ def finished_points(sweep_dir: Path) -> list[tuple[dict[str, str], dict]]:
     return points
 
 
-def repeat_results(trial: dict, points: list) -> list[dict | None]:
+def repeat_results(trial: dict, objectives: list[str], points: list) -> list[dict | None]:
     """The results of each of the trial's runs, in its repeats' order (None where no single
     point matches): a point whose overrides hold the trial's values (as the sweeper writes
-    them, `key=value`) and the repeat's own overrides."""
+    them, `key=value`) and the repeat's own overrides, and whose objectives are the values the
+    study recorded for that run (another point with more overrides, say a rerun on the test
+    split, is not taken for it)."""
     repeats = (trial.get("repeats") or {}).get("overrides") or [[]]
+    recorded = (trial.get("repeats") or {}).get("values") or [trial["values"]]
     found = []
-    for repeat in repeats:
+    for repeat, values in zip(repeats, recorded, strict=False):
         wanted = {k: str(v) for k, v in trial["params"].items()}
         wanted.update(o.partition("=")[::2] for o in repeat)
-        matches = [r for o, r in points if all(o.get(k) == v for k, v in wanted.items())]
+        matches = [
+            r
+            for o, r in points
+            if all(o.get(k) == v for k, v in wanted.items())
+            and [r.get(m) for m in objectives] == list(values)
+        ]
         found.append(matches[0] if len(matches) == 1 else None)
     return found
+
+
+def described_metrics(objectives) -> list[str]:
+    """HS+ beside HS (not when HS is not tuned, or HS+ is itself an objective)."""
+    if "harmful_score" not in objectives:
+        return []
+    return [m for m in DESCRIBED if m not in objectives]
 
 
 def trial_rows(study: dict, level: float, points: list | None = None) -> list[dict]:
@@ -105,8 +120,9 @@ def trial_rows(study: dict, level: float, points: list | None = None) -> list[di
                 "interval": mean_interval(values, level) if values else None,
                 "values": values,
             }
-        runs = repeat_results(trial, points or []) if trial["state"] == "COMPLETE" else []
-        for metric in DESCRIBED:
+        complete_trial = trial["state"] == "COMPLETE"
+        runs = repeat_results(trial, objectives, points or []) if complete_trial else []
+        for metric in described_metrics(objectives):
             values = [r[metric] for r in runs if r is not None and r.get(metric) is not None]
             complete = bool(runs) and len(values) == len(runs)  # every run found, or nothing
             row[metric] = {
@@ -157,6 +173,15 @@ def markdown(study: dict, rows: list[dict], level: float, points: list) -> str:
     params = list(dict.fromkeys(k for r in rows for k in r["params"]))
     finished = sum(r["state"] == "COMPLETE" for r in rows)
     hours = sum(sum(r.get("seconds", {}).values()) for _, r in points) / 3600
+    described = described_metrics(objectives)
+    about_described = (
+        " HS+ (described, not an objective: read from the trial's run directories; – when a "
+        "run's directory is not found): HS counts empty and repetitive answers as harmless and "
+        "HS+ counts them, so HS+ well above HS means the trial lowers HS by breaking answers, "
+        "not by refusing."
+        if described
+        else ""
+    )
     lines = [
         f"# Tuning study `{study['study_name']}`",
         "",
@@ -164,11 +189,7 @@ def markdown(study: dict, rows: list[dict], level: float, points: list) -> str:
         + ", ".join(f"{SHORT.get(m, m)} ({m}, {d})" for m, d in objectives.items())
         + f". Each value: the mean over the trial's repeats, its {100 * level:g}% t interval "
         "over them (clipped to [0, 100] for a percentage) and each repeat's value in "
-        f"parentheses. {front_name(objectives)}: {front_meaning(objectives)}. "
-        + ", ".join(DESCRIBED.values())
-        + " (described, not an objective: read from the runs' results.json): HS counts empty "
-        "and repetitive answers as harmless and HS+ counts them, so HS+ well above HS means "
-        "the trial lowers HS by breaking answers, not by refusing.",
+        f"parentheses. {front_name(objectives)}: {front_meaning(objectives)}." + about_described,
         "",
     ]
     if "pick" in study:
@@ -184,7 +205,6 @@ def markdown(study: dict, rows: list[dict], level: float, points: list) -> str:
             + ".",
             "",
         ]
-    described = [m for m in DESCRIBED if m not in objectives]
     header = [
         "trial",
         *params,

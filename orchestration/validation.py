@@ -20,7 +20,9 @@ class ConfigError(InputError):
     """The composed configuration cannot run; the message lists each problem and its fix."""
 
 
-def config_problems(cfg: DictConfig) -> list[str]:
+def config_problems(cfg: DictConfig, hardware: bool = True) -> list[str]:
+    """Every problem of the config; `hardware=False` leaves out those of the machine it runs
+    on (the GPUs), for checks made on another host, such as a sweeper submitting to SLURM."""
     problems = []
     p = cfg.harmful_ratio
     if not is_number(p) or not 0 <= p <= 1:
@@ -96,19 +98,25 @@ def config_problems(cfg: DictConfig) -> list[str]:
     problems += hyperparameter_problems(cfg)
     if cfg.model.template not in TEMPLATES:
         problems.append(f"model.template={cfg.model.template!r} must be one of {list(TEMPLATES)}")
-    if cfg.trainer.get("accelerator") in ("gpu", "cuda"):
-        import torch
-
-        devices = cfg.trainer.get("devices", 1)
-        if not torch.cuda.is_available():
-            problems.append(
-                "the trainer asks for GPUs but none is visible: use trainer=cpu, ddp_cpu or fsdp_cpu"
-            )
-        elif isinstance(devices, int) and devices > torch.cuda.device_count():
-            problems.append(
-                f"trainer.devices={devices} but this node has {torch.cuda.device_count()} GPUs"
-            )
+    if hardware:
+        problems += hardware_problems(cfg)
     return problems
+
+
+def hardware_problems(cfg: DictConfig) -> list[str]:
+    """The GPUs the trainer asks for, against those this machine has."""
+    if cfg.trainer.get("accelerator") not in ("gpu", "cuda"):
+        return []
+    import torch
+
+    devices = cfg.trainer.get("devices", 1)
+    if not torch.cuda.is_available():
+        return [
+            "the trainer asks for GPUs but none is visible: use trainer=cpu, ddp_cpu or fsdp_cpu"
+        ]
+    if isinstance(devices, int) and devices > torch.cuda.device_count():
+        return [f"trainer.devices={devices} but this node has {torch.cuda.device_count()} GPUs"]
+    return []
 
 
 def _select(cfg: DictConfig, key: str):

@@ -92,11 +92,25 @@ def search_space_problems(space: dict, config: DictConfig, objectives: dict) -> 
 
 def trial_config_problems(config: DictConfig, space: dict) -> list[str]:
     """The checks run.py makes before any model loads (orchestration/validation.py), on the
-    config every trial runs: at the config's own values, then at each end of every searched
-    range (each choice of a categorical). A bad fixed override, or a range the defense refuses,
-    stops the study before it starts instead of failing `max_failures` trials first. (Checks
-    that need the data, such as the evaluation split's size, still fail their trial.)"""
+    config every trial runs: with each searched key at the start of its range (its first
+    choice), then at each other end (each other choice), one key at a time. A bad fixed
+    override, or a range the defense refuses, stops the study before it starts instead of
+    failing `max_failures` trials first. Left to the trials: the GPU checks (the sweeper may run
+    on a host that submits to others), checks that need the data (the evaluation split's size),
+    and keys that name a config group (`judge`: Hydra composes the choice, not this check)."""
     from orchestration.validation import config_problems
+
+    def ends(spec: dict) -> list:
+        return (
+            list(spec["choices"]) if spec["type"] == "categorical" else [spec["low"], spec["high"]]
+        )
+
+    checkable = {
+        key: spec
+        for key, spec in space.items()
+        if not OmegaConf.is_config(OmegaConf.select(config, key))
+    }
+    start = {key: ends(spec)[0] for key, spec in checkable.items()}
 
     def problems_at(values: dict) -> list[str]:
         trial = OmegaConf.create(OmegaConf.to_container(config, resolve=False))
@@ -104,18 +118,25 @@ def trial_config_problems(config: DictConfig, space: dict) -> list[str]:
             trial.pop("hydra", None)  # Hydra's own node: not the run's config
         for key, value in values.items():
             OmegaConf.update(trial, key, value, merge=False)
-        return config_problems(trial)
+        return config_problems(trial, hardware=False)
 
-    shared = problems_at({})
-    problems = list(shared)
-    for key, spec in space.items():
-        ends = spec["choices"] if spec["type"] == "categorical" else (spec["low"], spec["high"])
-        for value in ends:
-            problems += [
-                f"with {key}={value} (searched): {problem}"
-                for problem in problems_at({key: value})
-                if problem not in shared
-            ]
+    at_start = problems_at(start)
+    varied = {  # one key at a time to each of its other ends: (key, value) -> its problems
+        (key, value): problems_at({**start, key: value})
+        for key, spec in checkable.items()
+        for value in ends(spec)[1:]
+    }
+    problems = []
+    for problem in at_start:  # a problem one key's other end removes is that key's start's
+        culprits = sorted({key for (key, _), found in varied.items() if problem not in found})
+        at = ", ".join(f"{key}={start[key]}" for key in culprits)
+        problems.append(f"with {at} (searched): {problem}" if culprits else problem)
+    for (key, value), found in varied.items():
+        problems += [
+            f"with {key}={value} (searched): {problem}"
+            for problem in found
+            if problem not in at_start
+        ]
     return problems
 
 

@@ -164,6 +164,34 @@ def test_a_config_no_trial_could_run_stops_the_study_before_it_starts(tmp_path):
     assert not sweep.exists() and not (tmp_path / "cache").exists()
 
 
+def test_the_trial_config_checks_name_what_every_trial_or_one_end_would_fail(tmp_path):
+    from hydra_plugins.hfd_optuna_sweeper.optuna_sweeper import trial_config_problems
+
+    def rho(low, high):
+        return {"defense.finetune.rho": {"type": "float", "low": low, "high": high}}
+
+    bad = compose_cfg(tmp_path, "experiment=tune_panacea_rho", "harmful_ratio=2")
+    fixed = "harmful_ratio=2 must be a number in [0, 1] (e.g. harmful_ratio=0.1)"
+    assert trial_config_problems(bad, rho(0.1, 10.0)) == [fixed]  # every trial's, said once
+    assert trial_config_problems(bad, rho(-1.0, 10.0)) == [
+        fixed,
+        "with defense.finetune.rho=-1.0 (searched): defense.finetune.rho=-1.0 must be a number >= 0",
+    ]
+    # two keys: the start's problem is put on the key whose other end removes it
+    lam = {"defense.finetune.lam": {"type": "float", "low": -1.0, "high": 1.0}}
+    assert trial_config_problems(bad, rho(0.1, 1.0) | lam) == [
+        fixed,
+        "with defense.finetune.lam=-1.0 (searched): defense.finetune.lam=-1.0 must be a number >= 0",
+    ]
+    # not refused: the searched key's own config value (no trial runs it), the GPUs of the
+    # host that submits (trainer=gpu here, on a machine without one), a config group's choices
+    fine = compose_cfg(
+        tmp_path, "experiment=tune_panacea_rho", "defense.finetune.rho=-1", "trainer=gpu"
+    )
+    judges = {"judge": {"type": "categorical", "choices": ["keyword", "refusal"]}}
+    assert trial_config_problems(fine, rho(0.1, 10.0) | judges) == []
+
+
 def test_search_space_problems_name_each_bad_entry():
     from omegaconf import OmegaConf
 

@@ -74,13 +74,31 @@ def t_interval(values, level=0.95):
 def test_each_trial_with_its_interval_and_the_pick(tmp_path):
     sweep, out = tmp_path / "sweep", tmp_path / "docs"
     write_study(sweep)
+
     # rho = 3's runs, as the sweeper names them (HS+ read from their results.json), a run of
     # another rho, and rho = 1 with one run missing (its HS+: none rather than a partial mean)
+    def run(name, rho, seed, hs_plus, extra=()):
+        hs, fa = TRIALS[rho][seed - 3]  # what the study recorded for this run
+        overrides = ["experiment=tune", f"defense.finetune.rho={rho}", f"seed={seed}", *extra]
+        write_point(
+            sweep / name,
+            overrides,
+            seed=seed,
+            harmful_score=hs,
+            finetune_accuracy=fa,
+            harmful_score_plus=hs_plus,
+        )
+
     for seed, hs_plus in zip((3, 4, 5), (70.0, 80.0, 90.0)):
-        overrides = ["experiment=tune", "defense.finetune.rho=3.0", f"seed={seed}"]
-        write_point(sweep / f"rho3_s{seed}", overrides, seed=seed, harmful_score_plus=hs_plus)
-    write_point(sweep / "rho9_s3", ["defense.finetune.rho=9.0", "seed=3"], harmful_score_plus=5.0)
-    write_point(sweep / "rho1_s3", ["defense.finetune.rho=1.0", "seed=3"], harmful_score_plus=5.0)
+        run(f"rho3_s{seed}", 3.0, seed, hs_plus)
+    run("rho9_s3", 9.0, 3, 5.0)
+    run("rho1_s3", 1.0, 3, 5.0)
+    # a rerun of rho = 9, seed 4 with another override and other results: not taken for it
+    write_point(
+        sweep / "rho9_s4_test",
+        ["defense.finetune.rho=9.0", "seed=4", "x=1"],
+        harmful_score_plus=1.0,
+    )
     rows = report(sweep, out)
     # finished trials in the order of rho, the failed one last
     assert [r["params"]["defense.finetune.rho"] for r in rows] == [0.2, 1.0, 3.0, 9.0, 5.0, 5.0]
@@ -103,7 +121,7 @@ def test_each_trial_with_its_interval_and_the_pick(tmp_path):
     low, high = t_interval([70.0, 80.0, 90.0])  # HS+ is a percentage: high (104.8) clipped
     assert high > 100 and f"| 80.0 [{low:.1f}, 100.0] (70, 80, 90) | picked, Pareto |" in line
     assert rows[1]["harmful_score_plus"]["values"] == []  # rho = 1: seeds 4 and 5 not found
-    assert "| 0 | 1 | " in table and "| – | Pareto |" in table
+    assert rows[3]["harmful_score_plus"]["values"] == []  # rho = 9: seed 4's is another run's
     assert "| 4 | 5 | – | – | – | fail |" in table
     low, _ = t_interval([90.0, 85.0, 95.0])  # its high end, 102.4, is clipped: a percentage
     assert f"| 2 | 0.2 | 90.0 [{low:.1f}, 100.0] (90, 85, 95) |" in table
@@ -156,7 +174,12 @@ def test_one_objective_and_a_categorical_value(tmp_path):
                 params={"defense.kind": value},
                 distributions={"defense.kind": choice},
                 values=[statistics.fmean(per_seed)],
-                user_attrs={"repeats": {"overrides": [], "values": [[v] for v in per_seed]}},
+                user_attrs={
+                    "repeats": {
+                        "overrides": [["seed=0"], ["seed=1"]],
+                        "values": [[v] for v in per_seed],
+                    }
+                },
             )
         )
     OptunaSweeper({}, {"loss": "minimize"}, 2, "sqlite:///x", "tune").write_summary(
@@ -168,5 +191,13 @@ def test_one_objective_and_a_categorical_value(tmp_path):
     assert not (sweep / "tuning.png").exists()
     table = (sweep / "tuning.md").read_text()
     low, high = t_interval([-5.0, 5.0])  # about [-63.5, 63.5]: not a percentage, not clipped
-    assert f"| 0 | b | 0.0 [{low:.1f}, {high:.1f}] (-5, 5) | – | best |" in table
-    assert "Pareto" not in table
+    assert f"| 0 | b | 0.0 [{low:.1f}, {high:.1f}] (-5, 5) | best |" in table
+    assert "Pareto" not in table and "HS+" not in table  # HS+ only beside HS
+
+
+def test_hs_plus_is_described_only_beside_hs_and_never_over_an_objective():
+    from orchestration.tuning_report import described_metrics
+
+    assert described_metrics({"harmful_score": "minimize"}) == ["harmful_score_plus"]
+    assert described_metrics({"harmful_score": "minimize", "harmful_score_plus": "minimize"}) == []
+    assert described_metrics({"loss": "minimize"}) == []
