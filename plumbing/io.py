@@ -5,22 +5,29 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+
+def temporary_sibling(path: Path) -> Path:
+    """A fresh hidden name beside `path`. Created by the caller with the default modes, so the
+    umask applies as to any file a user writes: tempfile's are private (0600 files, 0700
+    folders), which would hide results and the shared stage cache from a team's other users."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = temporary_sibling(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with open(tmp, "x", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -33,7 +40,8 @@ def build_directory(
     incomplete one (its marker file deleted by hand, say) is replaced."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    tmp = temporary_sibling(final)
+    tmp.mkdir()
     try:
         fill(tmp)
         try:

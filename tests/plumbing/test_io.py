@@ -1,9 +1,12 @@
 """Atomic directories: a killed writer leaves no folder under the final name, and of two parallel
-writers the first to finish is kept."""
+writers the first to finish is kept. Atomic files and folders get the modes the umask gives."""
+
+import os
+import stat
 
 import pytest
 
-from plumbing.io import build_directory
+from plumbing.io import atomic_write_text, build_directory
 
 
 def complete(folder):
@@ -51,3 +54,21 @@ def test_an_incomplete_folder_under_the_final_name_is_replaced(tmp_path):
     build_directory(tmp_path / "entry", marked, lambda f: (f / "meta.json").is_file())
     assert (tmp_path / "entry" / "adapter").read_text() == "new"
     assert [p.name for p in tmp_path.iterdir()] == ["entry"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomic_writes_get_the_modes_the_umask_gives_not_private_ones(tmp_path, umask):
+    """Results, generations and the stage cache are read by a team's other users when the umask
+    allows it (tempfile would make every file 0600 and every folder 0700)."""
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "results.json", "{}\n")
+        built = build_directory(
+            tmp_path / "entry", lambda d: (d / "meta.json").write_text("{}"), complete
+        )
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "results.json").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE(built.stat().st_mode) == 0o777 & ~umask
+    assert (tmp_path / "results.json").read_text() == "{}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["entry", "results.json"]
