@@ -20,7 +20,7 @@ from evaluation.results import RESULTS, read_results
 from evaluation.statistics import DEFAULT_LEVEL, check_level, mean_interval
 from orchestration.report_cli import report_parser
 from plumbing.errors import InputError
-from plumbing.figures import new_figure, save_figure
+from plumbing.figures import new_figure, plain_log_x, save_figure
 from plumbing.io import atomic_write_text
 
 TUNING = "tuning.json"
@@ -286,7 +286,7 @@ def plot(study: dict, rows: list[dict], out: Path, sweep_dir: Path) -> bool:
                     capsize=3,
                 )
             if log_scale(sweep_dir, param):
-                ax.set_xscale("log")
+                plain_log_x(ax)
             ax.set(xlabel=param, ylabel=f"{SHORT.get(metric, metric)} (%)")
             ax.set_title(f"{SHORT.get(metric, metric)} per trial (dots: repeats)", fontsize=9)
     if len(objectives) == 2:

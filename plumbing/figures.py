@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import FuncFormatter, LogFormatter
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -25,6 +26,15 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 def new_figure(width: float = 6.0, height: float = 3.5, ncols: int = 1):
     return plt.subplots(1, ncols, figsize=(width, height), squeeze=False)
+
+
+def plain_log_x(ax) -> None:
+    """A log-scaled x axis labelled with plain numbers (0.1, 1.2, 10). Matplotlib's default labels
+    every tick of a range within one decade as 1.2×10^0, 1.4×10^0, ..., which overlap; its
+    LogFormatter still thins the minor labels of a wider range."""
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
 
 
 def save_figure(fig, path: Path, logger=None) -> None:
