@@ -1,5 +1,6 @@
 """Figure helpers: a log axis labelled with plain numbers."""
 
+import matplotlib.pyplot as plt
 import pytest
 
 from plumbing.figures import new_figure, plain_log_x
@@ -26,5 +27,6 @@ def test_a_log_axis_is_labelled_with_plain_numbers(limits, shown, hidden):
         for t in ax.get_xticklabels() + ax.get_xticklabels(minor=True)
         if t.get_text() and limits[0] <= t.get_position()[0] <= limits[1]
     }
+    plt.close(fig)
     assert shown <= labels and not hidden & labels
     assert not any("10^" in t or "times" in t or "e-" in t for t in labels), labels
