@@ -1,6 +1,8 @@
 """Defenses compose by stage (conf/defense/{align,finetune,post}/): the presets pick parts, any
 combination runs without a new file, and each hyperparameter is written once."""
 
+import json
+
 import pytest
 import yaml
 
@@ -13,6 +15,7 @@ CONF_DIR = ROOT / "conf"
 PRESETS = {  # preset -> the class of its (align, finetune, post) parts
     "sft": ("CausalLMModule", "CausalLMModule", None),
     "panacea": ("CausalLMModule", "PanaceaModule", "AddPanaceaEpsilon"),
+    "panacea_tuned": ("CausalLMModule", "PanaceaModule", "AddPanaceaEpsilon"),
     "random_perturb": ("CausalLMModule", "CausalLMModule", "AddGaussianNoise"),
     "antibody": ("AntibodyAlignModule", "WeightedSFTModule", None),
     "antibody_align": ("AntibodyAlignModule", "CausalLMModule", None),
@@ -39,6 +42,14 @@ def test_lisa_scaled_is_lisa_with_the_references_cycle_at_1_to_9(tiny_cfg):
     assert (lisa.align_steps, lisa.finetune_steps) == (100, 900)
     assert (scaled.align_steps, scaled.finetune_steps) == (1, 9)
     assert {**scaled, "align_steps": 100, "finetune_steps": 900} == {**lisa}
+
+
+def test_panacea_tuned_is_panacea_at_the_rho_its_committed_study_picked(tiny_cfg):
+    study = json.loads((ROOT / "docs" / "tune_panacea_rho" / "tuning.json").read_text())
+    panacea = tiny_cfg("defense=panacea").finetune.module
+    tuned = tiny_cfg("defense=panacea_tuned").finetune.module
+    assert tuned.rho == study["picked"]["params"]["defense.finetune.rho"] != panacea.rho
+    assert {**tuned, "rho": panacea.rho} == {**panacea}
 
 
 @pytest.mark.parametrize("preset", PRESETS)
