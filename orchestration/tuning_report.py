@@ -185,7 +185,13 @@ def markdown(study: dict, rows: list[dict], level: float, points: list) -> str:
     lines = [
         f"# Tuning study `{study['study_name']}`",
         "",
-        f"Finished trials: {finished} of {len(rows)}. Objectives: "
+        f"Finished trials: {finished} of {len(rows)} asked"
+        + (
+            f" ({len(rows) - finished} did not finish: see the table)"
+            if finished < len(rows)
+            else ""
+        )
+        + ". Objectives: "
         + ", ".join(f"{SHORT.get(m, m)} ({m}, {d})" for m, d in objectives.items())
         + f". Each value: the mean over the trial's repeats, its {100 * level:g}% t interval "
         "over them (clipped to [0, 100] for a percentage) and each repeat's value in "

@@ -283,7 +283,7 @@ def test_a_trial_with_repeats_is_the_mean_of_its_runs(tmp_path):
     assert rows[0]["harmful_score"]["interval"] == pytest.approx(
         [sum(hs) / 2 - half, sum(hs) / 2 + half]
     )
-    assert "Finished trials: 1 of 1." in (tmp_path / "report" / "tuning.md").read_text()
+    assert "Finished trials: 1 of 1 asked." in (tmp_path / "report" / "tuning.md").read_text()
 
 
 def test_repeats_are_checked():

@@ -128,7 +128,7 @@ def test_each_trial_with_its_interval_and_the_pick(tmp_path):
     assert "| 5 | 5 | – | – | – | fail, retry of trial 4 |" in table
     assert "Picked: trial 1, `defense.finetune.rho=3.0`" in table
     assert json.dumps(RULE) in table
-    assert "Finished trials: 4 of 6." in table
+    assert "Finished trials: 4 of 6 asked (2 did not finish: see the table)." in table
     assert (out / "tuning.png").stat().st_size > 0
     assert json.loads((out / "tuning.json").read_text()) == json.loads(
         (sweep / "tuning.json").read_text()
